@@ -1,0 +1,31 @@
+# nnunet-green. `make demo` runs the whole product end to end; `make test` runs the tests (CI runs exactly that).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Real data; tests and benchmarks that need it read this path (CI has ../shared beside the clone).
+NNUNET_GREEN_DATA ?= $(abspath ../shared/data)
+export NNUNET_GREEN_DATA
+
+.PHONY: install test bench demo clean
+
+install: $(VENV)/.installed
+
+# torch/torchvision first and pinned: this pair imports cleanly with nnU-Net's timm/torchvision chain
+# (see docs/design.md). The editable install also places nnunet_green.pth so the stock CLIs find the trainers.
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m nnunet_green.benchmarks.run_all --out bench_out
+
+demo: install
+	$(PY) -m nnunet_green.demo --out demo_out $(if $(DATA),--data $(DATA),)
+
+clean:
+	rm -rf bench_out demo_out work
