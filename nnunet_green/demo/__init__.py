@@ -1,0 +1,1 @@
+"""End-to-end demo (`make demo`): data → plan → green training → compression → prediction → report."""

@@ -1,0 +1,206 @@
+"""`nnUNetTrainerGreen`: nnU-Net's trainer plus a precision policy, an optimizer recipe and a per-epoch meter.
+
+Subclasses only pick `precision` and `optimizer_recipe` (see variants.py). Everything else is nnU-Net's own
+training loop; the hooks below add measurement around it and a guard against non-finite steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from os.path import isfile, join
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import GradScaler
+
+from nnunet_green.metering import EpochMeter
+from nnunet_green.training.optimizers import NNUNET_SGD, OptimizerRecipe, optimizer_state_bytes
+from nnunet_green.training.precision import FP32, Precision
+
+# Short runs for tests and demos (nnU-Net's `_Xepochs` classes still run 250 iterations per epoch).
+RUN_LENGTH_ENV = {
+    "num_epochs": "nnUNet_green_epochs",
+    "num_iterations_per_epoch": "nnUNet_green_iters",
+    "num_val_iterations_per_epoch": "nnUNet_green_val_iters",
+}
+# Set to 1 to keep fp16 weights / autocast on CPU anyway (slow; for exercising the GPU code path on a CPU).
+CPU_LOW_PRECISION_ENV = "nnUNet_green_cpu_low_precision"
+# Per-epoch values added to nnU-Net's own logger (saved in every checkpoint's 'logging').
+LOGGED_KEYS = ("green_energy_j", "green_co2eq_g", "green_epoch_s", "green_nonfinite_steps")
+
+
+def _positive_int_from_env(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+class nnUNetTrainerGreen(nnUNetTrainer):
+    precision: Precision = FP32
+    optimizer_recipe: OptimizerRecipe = NNUNET_SGD
+    # Without a loss scaler (fp32, bf16, half weights) non-finite steps are skipped; this many in a row means the
+    # run has diverged.
+    max_consecutive_nonfinite_steps: int = 20
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # Signature must stay exactly nnU-Net's: the base class records its init args from locals().
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for attribute, env in RUN_LENGTH_ENV.items():
+            value = _positive_int_from_env(env)
+            if value is not None:
+                setattr(self, attribute, value)
+        if self.optimizer_recipe.initial_lr is not None:
+            self.initial_lr = self.optimizer_recipe.initial_lr
+        self.active_precision = self.precision.on(self.device, os.environ.get(CPU_LOW_PRECISION_ENV) == "1")
+        self.grad_scaler = GradScaler(self.device.type) if self.active_precision.grad_scaler else None
+        self.meter: EpochMeter | None = None
+        self._nonfinite_in_epoch = 0
+        self._nonfinite_in_a_row = 0
+        logging = self.logger.local_logger.my_fantastic_logging
+        for key in LOGGED_KEYS:
+            logging.setdefault(key, [])
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        # nnU-Net calls this after building (and maybe compiling) the network: the place to cast weights.
+        if self.active_precision != self.precision:
+            self.print_to_log_file(
+                f"nnunet-green: {self.precision.name} precision is a GPU feature; on {self.device.type} this run "
+                f"computes in fp32 (low precision on CPUs without native bf16/fp16 is 25-55x slower; set "
+                f"{CPU_LOW_PRECISION_ENV}=1 to keep it anyway). Optimizer: {self.optimizer_recipe.name}.")
+        self.active_precision.apply_(self.network, self.device)
+        optimizer = self.optimizer_recipe.build(self.network.parameters(), self.initial_lr, self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        # A checkpoint written by a non-green trainer has none of our logger keys: pad them to the current epoch
+        # so nnU-Net's "one value per epoch" logger and progress.png stay aligned.
+        logging = self.logger.local_logger.my_fantastic_logging
+        for key in LOGGED_KEYS:
+            values = logging.setdefault(key, [])
+            values.extend([float("nan")] * (self.current_epoch - len(values)))
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.meter = EpochMeter(self.output_folder, self.device, is_node_leader=self.local_rank == 0)
+        self.meter.resume(self.current_epoch)
+
+    # --- one step ----------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.active_precision.autocast(self.device):
+            loss = self.loss(self.network(data), target)
+
+        if self.grad_scaler is not None:
+            # The scaler skips non-finite steps itself and lowers the scale.
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                self.optimizer.step()
+                self._nonfinite_in_a_row = 0
+            else:
+                self._skip_nonfinite_step()
+        return {"loss": loss.detach().float().cpu().numpy()}
+
+    def _skip_nonfinite_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_in_epoch += 1
+        self._nonfinite_in_a_row += 1
+        if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite_steps:
+            # Raise before nnU-Net's next checkpoint: the weights on disk and in memory are still finite.
+            raise RuntimeError(
+                f"nnunet-green: {self._nonfinite_in_a_row} consecutive training steps had a non-finite loss or "
+                f"gradient with {self.active_precision.name} weights; stopping instead of writing a diverged "
+                f"checkpoint. Try a lower learning rate or a trainer with a loss scaler (nnUNetTrainerGreenAMP8bit).")
+
+    # --- metering hooks ----------------------------------------------------------------------------------------
+    def on_epoch_start(self):
+        self._nonfinite_in_epoch = 0
+        self.meter.start_epoch(self.current_epoch)
+        super().on_epoch_start()
+
+    def on_validation_epoch_start(self):
+        self.meter.start_validation()
+        super().on_validation_epoch_start()
+
+    def on_epoch_end(self):
+        value = self.logger.get_value
+        row = self.meter.end_epoch(train_loss=value("train_losses", step=-1), val_loss=value("val_losses", step=-1),
+                                   pseudo_dice=value("mean_fg_dice", step=-1))
+        epoch = self.current_epoch
+        self.logger.log("green_energy_j", _or_nan(row["energy_j"]), epoch)
+        self.logger.log("green_co2eq_g", _or_nan(row["co2eq_g"]), epoch)
+        self.logger.log("green_epoch_s", row["epoch_s"], epoch)
+        self.logger.log("green_nonfinite_steps", self._nonfinite_in_epoch, epoch)
+        energy = "n/a" if row["energy_j"] is None else f"{row['energy_j']:.1f} J ({row['energy_source']})"
+        self.print_to_log_file(f"nnunet-green: energy {energy}, peak host RSS {row['host_rss_peak_mb']} MB"
+                               + (f", {self._nonfinite_in_epoch} non-finite steps skipped"
+                                  if self._nonfinite_in_epoch else ""))
+        super().on_epoch_end()
+
+    def on_train_end(self):
+        super().on_train_end()
+        self._write_summary()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.meter is None:  # `--val` only: no training ran in this process
+            self.meter = EpochMeter(self.output_folder, self.device, is_node_leader=self.local_rank == 0)
+        with self.meter.measure("final_validation"):
+            super().perform_actual_validation(save_probabilities)
+        self._write_summary()
+
+    def _write_summary(self):
+        if self.local_rank != 0:
+            return
+        logging = self.logger.local_logger.my_fantastic_logging
+        validation_summary = join(self.output_folder, "validation", "summary.json")
+        validation_dice = None
+        if isfile(validation_summary):
+            with open(validation_summary) as f:
+                validation_dice = json.load(f)["foreground_mean"]["Dice"]
+        self.meter.write_summary({
+            "trainer": self.__class__.__name__,
+            "precision": self.active_precision.name,
+            "requested_precision": self.precision.name,
+            "optimizer": self.optimizer_recipe.name,
+            "initial_lr": self.initial_lr,
+            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer) if self.optimizer is not None else None,
+            "num_parameters": sum(p.numel() for p in self.network.parameters()),
+            "num_epochs": self.num_epochs,
+            "iterations_per_epoch": self.num_iterations_per_epoch,
+            "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+            "nonfinite_steps_skipped": int(np.nansum(logging["green_nonfinite_steps"])),
+            "dice": {
+                "pseudo_dice_last": _last(logging["mean_fg_dice"]),
+                "ema_pseudo_dice_best": None if self._best_ema is None else float(self._best_ema),
+                "validation_mean_fg_dice": validation_dice,
+            },
+        })
+
+
+def _or_nan(value):
+    return float("nan") if value is None else value
+
+
+def _last(values):
+    value = values[-1] if values else None
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
