@@ -55,8 +55,8 @@ class NnUNetEnv:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def train(self, trainer: str, fold=0, epochs=1, iters=2, val_iters=1, extra_args=(), **env) -> Path:
-        run_cli("nnUNetv2_train", DATASET_ID, "3d_fullres", fold, "-tr", trainer, *extra_args,
+    def train(self, trainer: str, fold=0, epochs=1, iters=2, val_iters=1, extra_args=(), device="cpu", **env) -> Path:
+        run_cli("nnUNetv2_train", DATASET_ID, "3d_fullres", fold, "-tr", trainer, "-device", device, *extra_args,
                 env=self.env(nnUNet_green_epochs=epochs, nnUNet_green_iters=iters, nnUNet_green_val_iters=val_iters,
                              nnUNet_n_proc_DA=0, **env))
         return self.model_folder(trainer) / f"fold_{fold}"
@@ -83,4 +83,4 @@ def hippocampus(tmp_path_factory) -> NnUNetEnv:
 @pytest.fixture(scope="session")
 def trained_fp32(hippocampus) -> Path:
     """A real (tiny) model trained by `nnUNetv2_train -tr nnUNetTrainerGreenFP32`; returns its fold folder."""
-    return hippocampus.train("nnUNetTrainerGreenFP32", epochs=2, iters=3)
+    return hippocampus.train("nnUNetTrainerGreenFP32", epochs=2, iters=2, val_iters=1)
