@@ -1,0 +1,52 @@
+"""`nnunet-green-report PATH... -o REPORT_DIR`: compare green training runs and compressed models."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """\
+PATH may be an nnU-Net fold folder (green_log.csv, green_summary.json), a model folder (fold_*/ inside; its folds
+are one row: time/energy/CO2 summed, Dice averaged), a compressed model folder (compression.json), a bench.json from
+nnunet-green-bench (or its folder), or any parent folder, searched recursively for all of these.
+
+examples:
+  nnunet-green-report $nnUNet_results/Dataset004_Hippocampus -o report/
+  nnunet-green-report results/Dataset004*/nnUNetTrainerGreen* compressed/ bench_out/bench.json -o report/ \\
+      --title "Hippocampus, 5 folds"
+writes REPORT_DIR/report.md, report.html (self-contained), report.json and the PNG figures.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnunet-green-report", description=__doc__.split(":", 1)[1].strip(),
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, model folders, bench.json, or parents")
+    p.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report files")
+    p.add_argument("--title", default=None, help="report title (default: nnunet-green report)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    # imported here so that --help works without matplotlib's start-up cost
+    from nnunet_green.report.build import build
+    from nnunet_green.report.collect import ReportError
+    try:
+        report = build(args.paths, args.output, args.title)
+    except ReportError as e:
+        print(f"nnunet-green-report: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    n_fig = sum(len(s.figures) for s in report.sections)
+    print(f"wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'} and {n_fig} figure(s)")
+    for s in report.sections:
+        for f in s.skipped:
+            print(f"  skipped {f['figure']}: {f['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

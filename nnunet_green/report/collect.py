@@ -1,0 +1,387 @@
+"""Find the report's inputs below the given paths and read them into records.
+
+Inputs: nnU-Net fold folders (`green_log.csv` / `green_summary.json`), model folders (their `fold_*` children),
+compressed model folders (`compression.json`) and benchmark results (`bench.json`). Nothing here imports torch:
+the report must run on a laptop that only has the result folders.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG, SUMMARY, MANIFEST, BENCH = "green_log.csv", "green_summary.json", "compression.json", "bench.json"
+BENCH_FORMAT, MANIFEST_FORMAT = "nnunet-green-bench/1", "nnunet-green-compression/1"
+BASELINE_TRAINER = "nnUNetTrainerGreenFP32"
+FOLD_DIR = re.compile(r"fold_(\d+|all)$")
+# Folders that never hold inputs but can be large (nnU-Net predictions, caches).
+_PRUNE = {"__pycache__", "predictions", "validation", ".git"}
+
+
+class ReportError(Exception):
+    """An input problem the user must fix; the CLI prints it and exits non-zero."""
+
+
+@dataclass
+class FoldRun:
+    folder: Path
+    summary: dict
+    epochs: list[dict]  # green_log.csv rows: floats, None for empty cells; energy_source stays a string
+
+    @property
+    def fold(self) -> str:
+        m = FOLD_DIR.match(self.folder.name)
+        return m.group(1) if m else self.folder.name
+
+
+@dataclass
+class Setting:
+    """One training setting = one model folder (its folds aggregated) or one lone fold folder."""
+    name: str
+    folder: Path
+    folds: list[FoldRun]
+    values: dict = field(default_factory=dict)   # field -> number/str or None
+    reasons: dict = field(default_factory=dict)  # field -> why it is missing / how to read it
+    energy_estimated: bool = False
+
+
+@dataclass
+class Compressed:
+    folder: Path
+    manifest: dict
+
+
+@dataclass
+class Bench:
+    path: Path
+    data: dict
+
+
+@dataclass
+class Inputs:
+    settings: list[Setting]
+    compressed: list[Compressed]
+    benches: list[Bench]
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- discovery -----------------------------------------------------------------------------------------------------
+def discover(paths) -> Inputs:
+    if not paths:
+        raise ReportError("no input paths given")
+    fold_dirs: dict[Path, None] = {}
+    compressed: dict[Path, None] = {}
+    benches: dict[Path, None] = {}
+    warnings: list[str] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise ReportError(f"{raw}: no such file or folder")
+        p = p.resolve()
+        before = len(fold_dirs) + len(compressed) + len(benches)
+        if p.is_file():
+            if p.name in (LOG, SUMMARY):
+                fold_dirs[p.parent] = None
+            elif p.name == MANIFEST:
+                compressed[p.parent] = None
+            elif p.suffix == ".json" and _json_format(p) == BENCH_FORMAT:
+                benches[p] = None
+            else:
+                raise ReportError(f"{raw}: not an input the report reads (expected a {BENCH_FORMAT} JSON file, "
+                                  f"{LOG}, {SUMMARY}, {MANIFEST}, or a folder containing them)")
+        else:
+            _walk(p, fold_dirs, compressed, benches, warnings)
+        if len(fold_dirs) + len(compressed) + len(benches) == before:
+            raise ReportError(f"{raw}: found no {LOG}/{SUMMARY} (training runs), {MANIFEST} (compressed models) "
+                              f"or {BENCH} (benchmarks) in it or below it")
+    settings = _settings(list(fold_dirs), warnings)
+    return Inputs(settings=settings,
+                  compressed=[Compressed(f, _read_manifest(f, warnings)) for f in compressed],
+                  benches=[Bench(b, json.loads(b.read_text())) for b in benches],
+                  warnings=warnings)
+
+
+def _walk(root: Path, fold_dirs, compressed, benches, warnings) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        files = set(filenames)
+        if BENCH in files:
+            fmt = _json_format(here / BENCH)
+            if fmt == BENCH_FORMAT:
+                benches[here / BENCH] = None
+            else:
+                warnings.append(f"{here / BENCH}: format {fmt!r}, not {BENCH_FORMAT}; ignored")
+        if MANIFEST in files:
+            compressed[here] = None
+            dirnames[:] = []  # its fold_* hold only checkpoints
+            continue
+        if LOG in files or SUMMARY in files:
+            fold_dirs[here] = None
+            dirnames[:] = []  # validation/ etc. hold nothing for us
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _PRUNE)
+
+
+def _json_format(path: Path):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def _read_manifest(folder: Path, warnings) -> dict:
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except ValueError as e:
+        raise ReportError(f"{folder / MANIFEST}: not valid JSON ({e})") from None
+    if data.get("format") != MANIFEST_FORMAT:
+        warnings.append(f"{folder / MANIFEST}: format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
+    return data
+
+
+# --- training runs -------------------------------------------------------------------------------------------------
+def read_fold(folder: Path) -> FoldRun:
+    summary = {}
+    if (folder / SUMMARY).is_file():
+        try:
+            summary = json.loads((folder / SUMMARY).read_text())
+        except ValueError as e:
+            raise ReportError(f"{folder / SUMMARY}: not valid JSON ({e})") from None
+    epochs = []
+    if (folder / LOG).is_file():
+        with open(folder / LOG, newline="") as f:
+            for row in csv.DictReader(f):
+                epochs.append({k: (v if k == "energy_source" else number(v)) for k, v in row.items() if k})
+    return FoldRun(folder, summary, epochs)
+
+
+def number(text):
+    """A CSV cell or JSON value as float; empty, non-numeric or non-finite -> None (missing, never 0)."""
+    if text is None or text == "" or isinstance(text, bool):
+        return None
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _settings(fold_dirs: list[Path], warnings) -> list[Setting]:
+    groups: dict[Path, list[Path]] = {}
+    for d in fold_dirs:
+        groups.setdefault(d.parent if FOLD_DIR.match(d.name) else d, []).append(d)
+    settings = []
+    for folder, dirs in groups.items():
+        folds = [read_fold(d) for d in sorted(dirs, key=lambda d: _fold_key(d.name))]
+        s = Setting(name=_trainer_name(folder, folds), folder=folder, folds=folds)
+        aggregate(s, warnings)
+        settings.append(s)
+    _unique_names(settings)
+    # baseline first, then by name: stable, and the relative columns read left-to-right from the baseline
+    settings.sort(key=lambda s: (s.values.get("trainer") != BASELINE_TRAINER, s.name))
+    return settings
+
+
+def _fold_key(name: str):
+    m = FOLD_DIR.match(name)
+    return (0, int(m.group(1))) if m and m.group(1).isdigit() else (1, name)
+
+
+def _trainer_name(folder: Path, folds: list[FoldRun]) -> str:
+    for f in folds:
+        if f.summary.get("trainer"):
+            return str(f.summary["trainer"])
+    # nnU-Net model folders are named TRAINER__PLANS__CONFIGURATION
+    return folder.name.split("__")[0]
+
+
+def _unique_names(settings: list[Setting]) -> None:
+    def dupes():
+        seen: dict[str, int] = {}
+        for s in settings:
+            seen[s.name] = seen.get(s.name, 0) + 1
+        return {n for n, c in seen.items() if c > 1}
+
+    d = dupes()
+    for s in settings:  # same trainer, other plans/configuration: add PLANS__CONFIGURATION
+        if s.name in d and "__" in s.folder.name:
+            s.name = f"{s.name} ({s.folder.name.split('__', 1)[1]})"
+    d = dupes()
+    for s in settings:  # same model folder name in several datasets: add the dataset folder
+        if s.name in d:
+            s.name = f"{s.name} [{s.folder.parent.name}]"
+    d = dupes()
+    for i, s in enumerate(settings):
+        if s.name in d:
+            s.name = f"{s.name} #{i + 1}"
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _fold_dice(f: FoldRun):
+    """(value, source): nnU-Net's final validation Dice if present, else the EMA / last pseudo Dice."""
+    for key, label in (("validation_mean_fg_dice", "final validation mean foreground Dice"),
+                       ("ema_pseudo_dice_best", "best EMA pseudo Dice (online validation)"),
+                       ("pseudo_dice_last", "last-epoch pseudo Dice (online validation)")):
+        v = number(_get(f.summary, "dice", key))
+        if v is not None:
+            return v, label
+    vs = f.folder / "validation" / "summary.json"
+    if vs.is_file():  # summary missing or older than the final validation
+        try:
+            v = number(_get(json.loads(vs.read_text()), "foreground_mean", "Dice"))
+        except ValueError:
+            v = None
+        if v is not None:
+            return v, "final validation mean foreground Dice"
+    log = [r.get("pseudo_dice") for r in f.epochs if r.get("pseudo_dice") is not None]
+    if log:
+        return log[-1], "last-epoch pseudo Dice (online validation)"
+    return None, None
+
+
+def _fold_total(f: FoldRun, key: str, column: str | None = None, how=sum):
+    """A total from green_summary.json, else computed from the per-epoch log (a run that has not finished)."""
+    totals = f.summary.get("totals")
+    if isinstance(totals, dict) and key in totals:
+        return number(totals[key])
+    vals = [r.get(column or key) for r in f.epochs]
+    vals = [v for v in vals if v is not None]
+    return how(vals) if vals else None
+
+
+def _energy_reason(f: FoldRun) -> str:
+    e = f.summary.get("energy") or {}
+    parts = [f"{dev.upper()}: {_get(e, dev, 'reason')}" for dev in ("gpu", "cpu") if _get(e, dev, "reason")]
+    if parts:
+        return "; ".join(parts)
+    src = _energy_source(f)
+    return f"no energy counter (energy_source={src})" if src else "no energy values logged"
+
+
+def _energy_source(f: FoldRun):
+    src = _get(f.summary, "totals", "energy_source")
+    if not src:
+        srcs = [r.get("energy_source") for r in f.epochs if r.get("energy_source")]
+        src = srcs[-1] if srcs else None
+    return src
+
+
+def _first(folds, *keys):
+    for f in folds:
+        v = _get(f.summary, *keys)
+        if v is not None:
+            return v
+    return None
+
+
+def aggregate(s: Setting, warnings) -> None:
+    """Folds of one setting -> one row: time, energy and CO2 summed (the cost of training all folds), Dice
+    averaged, peak memory as the maximum. A missing value in any fold leaves the aggregate missing (a partial
+    sum would read as a smaller cost)."""
+    folds, v, why = s.folds, s.values, s.reasons
+    n = len(folds)
+    where = (lambda f: f"fold {f.fold}") if n > 1 else (lambda f: "")
+    no_summary = not any(f.summary for f in folds)
+    not_recorded = f"no {SUMMARY} (run unfinished?)" if no_summary else f"not recorded in {SUMMARY}"
+    v["trainer"] = _trainer_name(s.folder, folds)
+    v["folds"] = n
+    v["fold_names"] = [f.fold for f in folds]
+    v["epochs"] = [int(_first([f], "epochs_logged") or len(f.epochs)) for f in folds]
+    for key in ("precision", "optimizer", "device", "gpu_name"):
+        vals = sorted({str(_get(f.summary, key)) for f in folds if _get(f.summary, key) is not None})
+        v[key] = "/".join(vals) if vals else None
+        if not vals:
+            why[key] = not_recorded
+    for key, out in (("num_parameters", "parameters"), ("optimizer_state_bytes", "optimizer_state_bytes")):
+        v[out] = number(_first(folds, key))
+        if v[out] is None:
+            why[out] = not_recorded
+
+    def summed(key, column=None, reason=None):
+        vals = [_fold_total(f, key, column) for f in folds]
+        if all(x is None for x in vals):
+            v[key] = None
+            why[key] = reason(folds[0]) if reason else f"not recorded in {SUMMARY} or {LOG}"
+        elif any(x is None for x in vals):
+            v[key] = None
+            lacking = ", ".join(where(f) for f, x in zip(folds, vals) if x is None)
+            why[key] = f"missing for {lacking}" + (f" ({reason(folds[0])})" if reason else "")
+        else:
+            v[key] = sum(vals)
+
+    summed("time_s", "epoch_s")
+    summed("energy_j", reason=_energy_reason)
+    v["energy_kwh"] = None if v["energy_j"] is None else v["energy_j"] / 3.6e6
+    summed("co2eq_g", reason=lambda f: "no energy measured, so no CO2eq" if _fold_total(f, "energy_j") is None
+           else "no carbon intensity recorded")
+    for key in ("gpu_mem_alloc_peak_mb", "gpu_mem_reserved_peak_mb", "host_rss_peak_mb"):
+        vals = [_fold_total(f, key, how=max) for f in folds]
+        vals = [x for x in vals if x is not None]
+        v[key] = max(vals) if vals else None
+        if not vals:
+            dev = v.get("device")
+            why[key] = (f"CPU run (device {dev}): no GPU memory" if key.startswith("gpu") and dev
+                        and not dev.startswith("cuda") else f"not recorded in {SUMMARY} or {LOG}")
+    sources = [_energy_source(f) for f in folds]
+    v["energy_source"] = "/".join(sorted({x for x in sources if x})) or None
+    s.energy_estimated = any(x and "estimate" in x for x in sources)
+    if s.energy_estimated:
+        watts = sorted({number(_get(f.summary, "energy", "cpu", "estimate_watts")) for f in folds} - {None})
+        w = "/".join(f"{x:g} W" for x in watts) if watts else "a user-given CPU power"
+        why["energy_estimate"] = f"CPU energy is an estimate ({w} × time), not a measurement"
+    partial = [f for f in folds if (number(_get(f.summary, "totals", "epochs_without_energy")) or 0) > 0]
+    if partial and v["energy_j"] is not None:
+        why["energy_partial"] = "energy misses some epochs in " + ", ".join(
+            f"{where(f) or f.folder.name} ({int(number(_get(f.summary, 'totals', 'epochs_without_energy')))} epochs)"
+            for f in partial)
+    ci = sorted({(number(_get(f.summary, "carbon", "intensity_g_per_kwh")), _get(f.summary, "carbon", "country"),
+                  _get(f.summary, "carbon", "source")) for f in folds if _get(f.summary, "carbon")}, key=str)
+    v["carbon"] = [{"intensity_g_per_kwh": c[0], "country": c[1], "source": c[2]} for c in ci]
+
+    dice = [_fold_dice(f) for f in folds]
+    if any(d is None for d, _ in dice):
+        v["dice"] = None
+        lacking = [where(f) or f.folder.name for f, (d, _) in zip(folds, dice) if d is None]
+        why["dice"] = "no Dice recorded" + (f" for {', '.join(lacking)}" if n > 1 else "")
+        v["dice_source"] = None
+    else:
+        v["dice"] = sum(d for d, _ in dice) / n
+        srcs = sorted({src for _, src in dice})
+        v["dice_source"] = " / ".join(srcs)
+        if n > 1:
+            v["dice_source"] += f", mean of {n} folds"
+    # Comparisons between settings (relative columns, radar, Pareto, Dice/kJ) use the cost of one fold, so that a
+    # 5-fold model folder is not 5x "worse" than a single fold of another setting.
+    for key in ("time_s", "energy_j", "co2eq_g"):
+        v[f"{key}_per_fold"] = None if v[key] is None else v[key] / n
+    v["dice_per_kj"] = (v["dice"] / (v["energy_j_per_fold"] / 1000.0)
+                        if v["dice"] is not None and v["energy_j"] else None)
+    if v["dice_per_kj"] is None:
+        why["dice_per_kj"] = "needs both Dice and energy"
+    skipped = sum(int(number(_get(f.summary, "nonfinite_steps_skipped")) or 0) for f in folds)
+    if skipped:
+        warnings.append(f"{s.name}: {skipped} optimizer steps skipped for non-finite loss/gradients")
+    if no_summary:
+        warnings.append(f"{s.folder}: no {SUMMARY}; totals computed from {LOG} (run unfinished?)")
+
+
+def epoch_series(s: Setting, column: str):
+    """(epochs, values): the per-epoch mean over the setting's folds, for epochs every fold has a value for."""
+    per_fold = []
+    for f in s.folds:
+        per_fold.append({int(r["epoch"]): r.get(column) for r in f.epochs
+                         if r.get("epoch") is not None and r.get(column) is not None})
+    common = sorted(set.intersection(*(set(d) for d in per_fold))) if per_fold else []
+    return common, [sum(d[e] for d in per_fold) / len(per_fold) for e in common]

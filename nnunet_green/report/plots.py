@@ -1,0 +1,358 @@
+"""The report's figures (PNG, matplotlib Agg). Each function writes one file and returns (file name, caption), or
+raises `Skip(reason)` when its data is absent, so the report says why instead of showing an empty plot."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless servers, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+from nnunet_green.report.collect import Setting, epoch_series  # noqa: E402
+from nnunet_green.report.tables import fmt_count, fmt_duration, fmt_mb, memory_metric  # noqa: E402
+
+DPI = 120
+
+
+class Skip(Exception):
+    """The figure's data is absent; the message says what is missing."""
+
+
+def colors(settings: list[Setting]) -> dict[str, tuple]:
+    """One colour per setting, the same in every figure."""
+    cmap = plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")
+    return {s.name: cmap(i % cmap.N) for i, s in enumerate(settings)}
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _legend_below(ax, handles=None, labels=None, ncol=1):
+    kw = {} if handles is None else {"handles": handles, "labels": labels}
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, fontsize=8, frameon=False, **kw)
+
+
+def _fmt_j(j: float) -> str:
+    for unit, div in (("MJ", 1e6), ("kJ", 1e3)):
+        if j >= div:
+            return f"{j / div:.3g} {unit}"
+    return f"{j:.3g} J"
+
+
+# --- training figures ----------------------------------------------------------------------------------------------
+def radar(settings: list[Setting], out: Path) -> tuple[str, str]:
+    """Study-style radar: Dice, energy, memory, time, each divided by its largest value among the settings."""
+    if not settings:
+        raise Skip("no training runs")
+    mem_key, mem_label = memory_metric(settings)
+    per = " per fold" if any(len(s.folds) > 1 for s in settings) else ""
+    axes = [("Dice", "dice", lambda x: f"{x:.3f}"), ("Energy", "energy_j_per_fold", lambda x: _fmt_j(x) + per),
+            ("Memory", mem_key, fmt_mb), ("Time", "time_s_per_fold", lambda x: fmt_duration(x) + per)]
+    # an axis nobody has (or whose largest value is 0, which cannot be normalised) is dropped for all settings
+    dropped = [a for a, k, _ in axes if k is None or not any((s.values.get(k) or 0) > 0 for s in settings)]
+    axes = [a for a in axes if a[0] not in dropped]
+    if len(axes) < 3:
+        raise Skip(f"radar needs at least 3 axes; no run has {', '.join(dropped).lower()}")
+    n = len(axes)
+    angles = [2 * math.pi * i / n for i in range(n)]
+    maxima = [max(s.values[k] for s in settings if s.values.get(k) is not None) for _, k, _ in axes]
+    col = colors(settings)
+
+    fig = plt.figure(figsize=(7.2, 7.6))
+    ax = fig.add_subplot(projection="polar")
+    ax.set_theta_offset(math.pi / 2)  # first axis (Dice) on top, then clockwise
+    ax.set_theta_direction(-1)
+    ax.set_ylim(0, 1.05)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+    ax.set_yticklabels(["0.25", "0.5", "0.75", "1"], fontsize=7, color="grey")
+    ax.set_rlabel_position(180 / n)
+    ax.set_xticks(angles)
+    ax.set_xlim(0, 2 * math.pi)  # set_xticks may shrink the view to the ticks' span
+    ax.set_xticklabels([])
+    for ang, (a, _, f), m in zip(angles, axes, maxima):
+        # placed by hand: tick labels at 3 and 9 o'clock would overlap the outer ring
+        x, y = math.sin(ang), math.cos(ang)  # clockwise from the top
+        ax.text(ang, 1.13, f"{a}{' ↑' if a == 'Dice' else ' ↓'}\n(max {f(m)})", fontsize=9, ha=(
+            "left" if x > 0.1 else "right" if x < -0.1 else "center"),
+            va="bottom" if y > 0.1 else "top" if y < -0.1 else "center")
+    notes = []
+    for s in settings:
+        r = [None if s.values.get(k) is None else s.values[k] / m for (_, k, _), m in zip(axes, maxima)]
+        missing = [a.lower() for (a, _, _), x in zip(axes, r) if x is None]
+        est = s.energy_estimated and "Energy" in [a for a, _, _ in axes]
+        style = "--" if est else "-"
+        label = s.name + (" (energy est.)" if est else "") + (f" ({', '.join(missing)} n/a)" if missing else "")
+        for i in range(n):  # segments only between present vertices: a missing axis is a gap, never a 0
+            j = (i + 1) % n
+            if r[i] is not None and r[j] is not None:
+                ax.plot([angles[i], angles[j]], [r[i], r[j]], style, color=col[s.name], lw=1.8)
+        pts = [(a, x) for a, x in zip(angles, r) if x is not None]
+        ax.plot([a for a, _ in pts], [x for _, x in pts], "o", color=col[s.name], ms=5,
+                mfc="white" if est else col[s.name], label=label, linestyle="none")
+        if not missing:
+            ax.fill(angles, r, color=col[s.name], alpha=0.08)
+    if dropped:
+        notes.append(f"axis dropped (no run has it): {', '.join(dropped).lower()}")
+    if any(s.energy_estimated for s in settings) and "Energy" not in dropped:
+        notes.append("dashed / hollow = energy includes a CPU estimate")
+    ax.set_title("Resource use per setting", fontsize=12, pad=52)
+    norm = ("Normalisation: each axis is value ÷ largest value among the settings (1 = largest).\n"
+            "Dice ↑ higher is better; energy, memory, time ↓ lower is better.")
+    if "Memory" not in dropped:
+        norm += f" Memory = {mem_label}."
+    # legend and the normalisation note stacked under the polar plot, clear of the axis labels
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, fontsize=8, frameon=False, alignment="left",
+              title=norm + ("\n" + "; ".join(notes) if notes else ""), title_fontsize=8)
+    return _save(fig, out, "radar.png"), ("Radar plot of Dice, energy, memory and time, each normalised to the "
+                                          "largest value among the settings (smaller is better except Dice).")
+
+
+def per_epoch_cost(settings: list[Setting], out: Path) -> tuple[str, str]:
+    """Energy per epoch; time per epoch (titled so) when no run has energy."""
+    if not settings:
+        raise Skip("no training runs")
+    col = colors(settings)
+    series = {s.name: epoch_series(s, "energy_j") for s in settings}
+    with_energy = [s for s in settings if series[s.name][0]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    if with_energy:
+        for s in with_energy:
+            ep, y = series[s.name]
+            ax.plot(ep, y, "--" if s.energy_estimated else "-", marker="o", ms=3, color=col[s.name],
+                    label=s.name + (" (est.)" if s.energy_estimated else "") + _folds(s))
+        ax.set_ylabel("energy per epoch (J)")
+        ax.set_title("Energy per epoch")
+        lacking = [s.name for s in settings if s not in with_energy]
+        foot = []
+        if lacking:
+            foot.append("no energy measured (not shown): " + ", ".join(lacking))
+        if any(s.energy_estimated for s in with_energy):
+            foot.append("dashed = includes estimated CPU energy (user-given power × time)")
+        name = "energy_per_epoch.png"
+        cap = "Energy per epoch (J) of each setting."
+    else:
+        for s in settings:
+            ep, y = epoch_series(s, "epoch_s")
+            if ep:
+                ax.plot(ep, y, marker="o", ms=3, color=col[s.name], label=s.name + _folds(s))
+        if not ax.lines:
+            plt.close(fig)
+            raise Skip("no per-epoch energy or time in any green_log.csv")
+        ax.set_ylabel("time per epoch (s)")
+        ax.set_title("Time per epoch (no run has energy measurements)")
+        foot = []
+        name = "time_per_epoch.png"
+        cap = "Time per epoch (s): no run has energy measurements, so time is shown instead."
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    _legend_below(ax, ncol=2 if len(settings) > 4 else 1)
+    if foot:
+        fig.text(0.01, 1.0, "\n".join(foot), fontsize=8, va="bottom", ha="left")
+    return _save(fig, out, name), cap
+
+
+def _folds(s: Setting) -> str:
+    return f" (mean of {len(s.folds)} folds)" if len(s.folds) > 1 else ""
+
+
+def pseudo_dice(settings: list[Setting], out: Path) -> tuple[str, str]:
+    col = colors(settings)
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for s in settings:
+        ep, y = epoch_series(s, "pseudo_dice")
+        if ep:
+            ax.plot(ep, y, marker="o", ms=3, color=col[s.name], label=s.name + _folds(s))
+    if not ax.lines:
+        plt.close(fig)
+        raise Skip("no pseudo Dice in any green_log.csv")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("pseudo Dice (online validation, mean fg)")
+    ax.set_title("Validation pseudo Dice per epoch")
+    ax.grid(alpha=0.3)
+    _legend_below(ax, ncol=2 if len(settings) > 4 else 1)
+    return _save(fig, out, "pseudo_dice_per_epoch.png"), "nnU-Net's online-validation pseudo Dice per epoch."
+
+
+def dice_per_kj(settings: list[Setting], out: Path) -> tuple[str, str]:
+    have = [s for s in settings if s.values.get("dice_per_kj") is not None]
+    if not have:
+        raise Skip("no run has both Dice and energy")
+    col = colors(settings)
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.45 * len(have)))
+    y = list(range(len(have)))[::-1]
+    vals = [s.values["dice_per_kj"] for s in have]
+    bars = ax.barh(y, vals, color=[col[s.name] for s in have], edgecolor="black", lw=0.6)
+    for b, s, v in zip(bars, have, vals):
+        if s.energy_estimated:
+            b.set_hatch("//")
+            b.set_facecolor((*col[s.name][:3], 0.35))
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.3g}" + (" (est.)" if s.energy_estimated else ""),
+                va="center", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([s.name for s in have], fontsize=9)
+    ax.set_xlim(0, max(vals) * 1.25)
+    per = " per fold" if any(len(s.folds) > 1 for s in settings) else ""
+    ax.set_xlabel(f"Dice per kJ of training energy{per} (higher is better)")
+    ax.set_title("Dice per kJ")
+    foot = []
+    if any(s.energy_estimated for s in have):
+        foot.append("hatched = energy includes an estimate (user-given CPU power × time)")
+    lacking = [s.name for s in settings if s not in have]
+    if lacking:
+        foot.append("not shown (no energy or Dice): " + ", ".join(lacking))
+    if foot:
+        fig.text(0.01, 1.0, "\n".join(foot), fontsize=8, va="bottom", ha="left")
+    return _save(fig, out, "dice_per_kj.png"), "Dice per kJ of training energy (hatched: estimated energy)."
+
+
+def pareto_front(points):
+    """Indices of points (energy, dice) not dominated: no other point has <= energy and >= Dice, one strictly."""
+    front = []
+    for i, (e, d) in enumerate(points):
+        if not any((e2 <= e and d2 >= d) and (e2 < e or d2 > d) for j, (e2, d2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto(settings: list[Setting], out: Path) -> tuple[str, str]:
+    have = [s for s in settings if s.values.get("energy_j_per_fold") is not None and s.values.get("dice") is not None]
+    if len(have) < 2:
+        raise Skip(f"needs at least 2 runs with both Dice and energy ({len(have)} found)")
+    col = colors(settings)
+    pts = [(s.values["energy_j_per_fold"] / 1000, s.values["dice"]) for s in have]
+    per = " per fold" if any(len(s.folds) > 1 for s in settings) else ""
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="grey", lw=1, zorder=1)
+    for i, (s, (x, yv)) in enumerate(zip(have, pts)):
+        ax.scatter([x], [yv], s=60, color=col[s.name], zorder=3, facecolors="white" if s.energy_estimated else None,
+                   edgecolors=col[s.name], linewidths=1.8,
+                   label=s.name + (" (est.)" if s.energy_estimated else ""))
+        if i in front:
+            ax.scatter([x], [yv], s=180, facecolors="none", edgecolors="black", linewidths=1.2, zorder=2)
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], marker="o", ms=11, mfc="none", mec="black", ls="-", color="grey"))
+    labels.append("Pareto front (no other run is both cheaper and better)")
+    ax.set_xlabel(f"training energy{per} (kJ)")
+    ax.set_ylabel("Dice")
+    ax.set_title("Dice vs energy")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.15)
+    _legend_below(ax, handles, labels, ncol=1)
+    foot = []
+    if any(s.energy_estimated for s in have):
+        foot.append("hollow = energy includes an estimate (user-given CPU power × time)")
+    lacking = [s.name for s in settings if s not in have]
+    if lacking:
+        foot.append("not shown (no energy or Dice): " + ", ".join(lacking))
+    if foot:
+        fig.text(0.01, 1.0, "\n".join(foot), fontsize=8, va="bottom", ha="left")
+    return _save(fig, out, "pareto_dice_energy.png"), ("Dice vs training energy; ringed points form the Pareto "
+                                                       "front (lower energy and higher Dice are better).")
+
+
+# --- compression figures -------------------------------------------------------------------------------------------
+def _groups(records, key):
+    """Series per source model (and bench): compressed points sorted by rank ratio, plus the uncompressed value."""
+    out = {}
+    for r in records:
+        if r.get(key) is None:
+            continue
+        src = r.get("path") if not r["compressed"] else r.get("source_path")
+        g = out.setdefault((src, r.get("bench")), {"points": [], "ref": None, "name": None})
+        if r["compressed"] and r["rank_ratio"] is not None:
+            g["points"].append((r["rank_ratio"], r[key]))
+        elif not r["compressed"]:
+            g["ref"], g["name"] = r[key], r["name"]
+    for g in out.values():
+        g["points"].sort()
+    return {k: g for k, g in out.items() if g["points"]}
+
+
+def _series_label(src, bench, g, n):
+    if n == 1:
+        return "compressed"
+    return f"from {g['name'] or (Path(src).name if src else '?')}" + (f" [{Path(bench).parent.name}]" if bench else "")
+
+
+def compression_size(records: list[dict], out: Path) -> tuple[str, str]:
+    if not any(r["compressed"] and r["rank_ratio"] is not None for r in records):
+        raise Skip("no compressed model folders with a rank ratio")
+    # uncompressed size from the manifest's "before" when the reference is not benchmarked
+    recs = list(records)
+    for r in records:
+        if r["compressed"] and r.get("params_before") is not None and not any(
+                not x["compressed"] and x.get("path") == r.get("source_path") for x in records):
+            recs.append({"name": "uncompressed", "path": r.get("source_path"), "compressed": False, "rank_ratio": None,
+                         "bench": r.get("bench"), "params_after": r["params_before"],
+                         "macs_after": r.get("macs_before"), "latency_s": None})
+    panels = [("params_after", "parameters", "Parameters", 1), ("macs_after", "MACs per patch", "MACs per patch", 1),
+              ("latency_s", "latency (ms, median)", "Latency (median forward)", 1000)]
+    panels = [p for p in panels if _groups(recs, p[0])]
+    fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.9), squeeze=False)
+    for ax, (key, label, title, scale) in zip(axs[0], panels):
+        groups = _groups(recs, key)
+        for i, ((src, bench), g) in enumerate(groups.items()):
+            c = plt.get_cmap("tab10")(i)
+            ax.plot([x for x, _ in g["points"]], [y * scale for _, y in g["points"]], "o-", color=c,
+                    label=_series_label(src, bench, g, len(groups)))
+            if g["ref"] is not None:
+                ax.axhline(g["ref"] * scale, color=c, ls="--", lw=1, label="uncompressed" if len(groups) == 1
+                           else f"uncompressed ({g['name']})")
+        ax.set_xlabel("rank ratio")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        if scale == 1:
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: fmt_count(v) if v else "0"))
+        ax.legend(fontsize=8)
+    fig.suptitle("Compressed model size and speed vs Tucker rank ratio", fontsize=11)
+    if len(panels) < 3:
+        fig.text(0.5, -0.02, "latency not shown: no bench.json lists the compressed folders", ha="center",
+                 fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, "compression_size.png"), ("Parameters, MACs and latency of the compressed models vs "
+                                                     "rank ratio; dashed: the uncompressed model.")
+
+
+def compression_dice(records: list[dict], out: Path) -> tuple[str, str]:
+    keys = [(k, lbl) for k, lbl in (("agreement_dice", "agreement Dice (vs reference predictions)"),
+                                    ("dice_vs_labels", "Dice vs labels")) if _groups(records, k)]
+    if not keys:
+        raise Skip("no benchmark with agreement Dice or Dice vs labels for compressed models "
+                   "(bench.json without --images/--labels, or none given)")
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    markers = {"agreement_dice": "o-", "dice_vs_labels": "s-"}
+    for k, lbl in keys:
+        groups = _groups(records, k)
+        for i, ((src, bench), g) in enumerate(groups.items()):
+            c = plt.get_cmap("tab10")(i * 2 + (k == "dice_vs_labels"))
+            suffix = "" if len(groups) == 1 else " " + _series_label(src, bench, g, len(groups))
+            ax.plot([x for x, _ in g["points"]], [y for _, y in g["points"]], markers[k], color=c, label=lbl + suffix)
+            if g["ref"] is not None and k == "dice_vs_labels":
+                ax.axhline(g["ref"], color=c, ls="--", lw=1, label=f"Dice vs labels, uncompressed{suffix}")
+    ax.set_xlabel("rank ratio")
+    ax.set_ylabel("Dice")
+    ax.set_title("Segmentation quality vs Tucker rank ratio")
+    ax.grid(alpha=0.3)
+    ax.margins(y=0.2)
+    _legend_below(ax)
+    return _save(fig, out, "compression_dice.png"), ("Agreement Dice with the uncompressed model's predictions "
+                                                     "and Dice vs labels, by rank ratio.")
+
+
+TRAINING = [("Radar plot", radar), ("Energy/time per epoch", per_epoch_cost), ("Pseudo Dice per epoch", pseudo_dice),
+            ("Dice per kJ", dice_per_kj), ("Pareto front Dice vs energy", pareto)]
+COMPRESSION = [("Compressed size/speed vs rank ratio", compression_size),
+               ("Compressed Dice vs rank ratio", compression_dice)]

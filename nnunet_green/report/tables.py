@@ -1,0 +1,322 @@
+"""The report's tables as data: cells with display text, raw value and footnotes; rendered by markdown/html.
+
+Missing values are "—" with a footnote saying why (never 0); estimated energy is "≈… (est.)" with a footnote.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnunet_green.report.collect import BASELINE_TRAINER, Inputs, Setting, number
+
+DASH = "—"
+
+
+@dataclass
+class Cell:
+    text: str
+    notes: list[int] = field(default_factory=list)
+    estimate: bool = False
+
+
+class Notes:
+    """Numbered footnotes of one table; identical texts share a number."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def ref(self, text: str) -> int:
+        if text not in self.texts:
+            self.texts.append(text)
+        return self.texts.index(text) + 1
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[tuple[str, str]]          # (key, header)
+    rows: list[dict[str, Cell]]
+    records: list[dict]                     # raw values per row, for report.json and the plots
+    notes: Notes = field(default_factory=Notes)
+    remarks: list[str] = field(default_factory=list)  # sentences printed under the table
+
+
+# --- number formatting ---------------------------------------------------------------------------------------------
+def fmt_duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def fmt_energy(j: float) -> str:
+    kwh = j / 3.6e6
+    return f"{j:,.0f} J ({kwh:.3g} kWh)" if j >= 10 else f"{j:.3g} J ({kwh:.3g} kWh)"
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{n:.0f}"
+
+
+def fmt_mb(mb: float) -> str:
+    return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
+def fmt_factor(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+def memory_metric(settings: list[Setting]) -> tuple[str | None, str]:
+    """The one memory figure compared across settings: GPU allocated peak if any run had a GPU, else host RSS.
+    Mixing the two would compare different things."""
+    if any(s.values.get("gpu_mem_alloc_peak_mb") is not None for s in settings):
+        return "gpu_mem_alloc_peak_mb", "peak GPU memory (allocated)"
+    if any(s.values.get("host_rss_peak_mb") is not None for s in settings):
+        return "host_rss_peak_mb", "peak host memory (RSS)"
+    return None, "memory"
+
+
+def baseline(settings: list[Setting]) -> Setting | None:
+    return next((s for s in settings if s.values.get("trainer") == BASELINE_TRAINER), None)
+
+
+def training_table(inputs: Inputs) -> Table | None:
+    settings = inputs.settings
+    if not settings:
+        return None
+    base = baseline(settings)
+    mem_key, mem_label = memory_metric(settings)
+    cols = [("setting", "Setting"), ("precision", "Precision"), ("optimizer", "Optimizer"), ("folds", "Folds"),
+            ("parameters", "Params"), ("dice", "Dice"), ("time", "Training time"), ("energy", "Energy"),
+            ("co2", "CO2eq"), ("gpu_mem", "Peak GPU mem"), ("host_mem", "Peak host mem"),
+            ("opt_state", "Optimizer state"), ("dice_per_kj", "Dice/kJ"), ("energy_source", "Energy source")]
+    if base is not None:
+        cols[7:7] = [("x_time", "×time")]
+        cols[9:9] = [("x_energy", "×energy")]
+        cols.insert(cols.index(("host_mem", "Peak host mem")) + 1, ("x_mem", "×mem"))
+    t = Table("Training runs", cols, [], [])
+    if base is not None:
+        t.remarks.append(f"×time, ×energy, ×mem: relative to the fp32 baseline `{base.name}` (1.00× = same, "
+                         f"<1 = cheaper); ×mem compares {mem_label}.")
+    else:
+        t.remarks.append(f"No `{BASELINE_TRAINER}` run among the inputs, so no relative columns.")
+    if len({s.values["folds"] for s in settings}) > 1 or any(s.values["folds"] > 1 for s in settings):
+        t.remarks.append("A model folder with several folds is one row: training time, energy and CO2eq are "
+                         "summed over its folds, Dice is the mean over folds, peak memory the maximum. ×time, "
+                         "×energy, Dice/kJ and the figures compare the cost per fold (total ÷ folds).")
+    t.remarks.append("Training time is the sum of the logged epochs; energy and CO2eq also include nnU-Net's "
+                     "final validation where it was metered.")
+    dice_sources = {s.values.get("dice_source", "").split(",")[0] for s in settings if s.values.get("dice_source")}
+    if len(dice_sources) > 1:
+        t.remarks.append("Dice comes from different sources across rows (see its footnotes: final validation vs "
+                         "online pseudo Dice); compare those rows with care.")
+    carbon = {(c["intensity_g_per_kwh"], c["country"]) for s in settings for c in s.values.get("carbon", [])}
+    if carbon:
+        t.remarks.append("CO2eq = energy × carbon intensity (" + ", ".join(
+            f"{i:g} g/kWh{f' ({c})' if c else ''}" for i, c in sorted(carbon, key=str) if i is not None) + ").")
+
+    for s in settings:
+        v, why = s.values, s.reasons
+        cell: dict[str, Cell] = {}
+
+        def put(col, value, text_fn, reason_key=None, estimate=False, extra_notes=()):
+            if value is None:
+                reason = why.get(reason_key or col, "not available")
+                cell[col] = Cell(DASH, [t.notes.ref(reason)])
+            else:
+                text = text_fn(value)
+                notes = [t.notes.ref(n) for n in extra_notes]
+                if estimate:
+                    text = f"≈{text} (est.)"
+                cell[col] = Cell(text, notes, estimate)
+
+        cell["setting"] = Cell(s.name)
+        put("precision", v["precision"], str)
+        put("optimizer", v["optimizer"], str)
+        cell["folds"] = Cell(", ".join(v["fold_names"]))
+        put("parameters", v["parameters"], fmt_count)
+        put("dice", v["dice"], lambda x: f"{x:.4f}", extra_notes=[f"Dice: {v['dice_source']}"] if v["dice_source"]
+            else [])
+        put("time", v["time_s"], fmt_duration, "time_s")
+        est = s.energy_estimated
+        energy_notes = [why[k] for k in ("energy_estimate", "energy_partial") if k in why]
+        put("energy", v["energy_j"], fmt_energy, "energy_j", est, energy_notes)
+        put("co2", v["co2eq_g"], lambda x: f"{x:.3g} g", "co2eq_g", est)
+        put("gpu_mem", v["gpu_mem_alloc_peak_mb"], fmt_mb, "gpu_mem_alloc_peak_mb")
+        put("host_mem", v["host_rss_peak_mb"], fmt_mb, "host_rss_peak_mb")
+        put("opt_state", v["optimizer_state_bytes"], lambda b: f"{b / 1024 ** 2:.1f} MB", "optimizer_state_bytes")
+        put("dice_per_kj", v["dice_per_kj"], lambda x: f"{x:.3g}", estimate=est)
+        put("energy_source", v["energy_source"], str)
+        rel = {}
+        if base is not None:
+            for col, key, is_est in (("x_time", "time_s_per_fold", False),
+                                     ("x_energy", "energy_j_per_fold", est or base.energy_estimated),
+                                     ("x_mem", mem_key, False)):
+                a, b = (v.get(key), base.values.get(key)) if key else (None, None)
+                rel[col] = a / b if a is not None and b else None
+                if rel[col] is None:
+                    if not key:
+                        reason = "no memory recorded in any run"
+                    elif a is None:  # same footnote as this row's own missing value
+                        reason = why.get(key.replace("_per_fold", ""), "not available")
+                    else:
+                        reason = f"the baseline {base.name} has no value here (see its row)"
+                    cell[col] = Cell(DASH, [t.notes.ref(reason)])
+                else:
+                    text = fmt_factor(rel[col])
+                    cell[col] = Cell(f"≈{text} (est.)" if is_est else text, [], is_est)
+        t.rows.append(cell)
+        rec = {"setting": s.name, "folder": str(s.folder), "energy_estimated": est,
+               **{k: val for k, val in v.items() if k != "carbon"}, "carbon": v.get("carbon"),
+               "relative_to_baseline": ({"baseline": base.name, "memory_metric": mem_key, **rel}
+                                        if base is not None else None),
+               "missing_reasons": {k: r for k, r in why.items() if k not in ("energy_estimate", "energy_partial")},
+               "display": {k: c.text for k, c in cell.items()},
+               "footnotes": {k: [t.notes.texts[i - 1] for i in c.notes] for k, c in cell.items() if c.notes}}
+        if est:
+            rec["estimate_note"] = why.get("energy_estimate")
+        t.records.append(rec)
+    return t
+
+
+# --- compressed models ---------------------------------------------------------------------------------------------
+def _resolve(p) -> str | None:
+    if not p:
+        return None
+    try:
+        return str(Path(p).expanduser().resolve())
+    except OSError:
+        return str(p)
+
+
+def compression_records(inputs: Inputs) -> list[dict]:
+    """One record per benchmarked model (joined by path to its compression.json and to a training run), plus one
+    per compressed folder that no bench.json lists."""
+    manifests = {_resolve(c.folder): c for c in inputs.compressed}
+    runs = {_resolve(s.folder): s.name for s in inputs.settings}
+    records, benched = [], set()
+    multi = len(inputs.benches) > 1
+    for b in inputs.benches:
+        models = b.data.get("models") or []
+        ref_name = b.data.get("reference")
+        ref = next((m for m in models if m.get("name") == ref_name), models[0] if models else None)
+        ref_lat = number(((ref or {}).get("latency_s") or {}).get("median"))
+        for m in models:
+            path = _resolve(m.get("path"))
+            benched.add(path)
+            c = manifests.get(path)
+            r = _record(m.get("name") or Path(path or "?").name, path, c, runs)
+            lat = number((m.get("latency_s") or {}).get("median"))
+            r.update(bench=str(b.path) if multi else None, is_reference=m is ref, latency_s=lat,
+                     speedup=(ref_lat / lat if lat and ref_lat else None),
+                     predict_wall_s=number(m.get("predict_wall_s")),
+                     agreement_dice=number(m.get("agreement_dice")), dice_vs_labels=number(m.get("dice_vs_labels")),
+                     device=b.data.get("device"), has_labels=bool(b.data.get("labels")) or any(
+                         number(x.get("dice_vs_labels")) is not None for x in models))
+            if r["rank_ratio"] is None:
+                r["rank_ratio"] = number(m.get("rank_ratio"))
+            if c is None:  # no manifest: sizes from the bench, relative to its reference
+                r["params_after"], r["macs_after"] = number(m.get("params")), number(m.get("macs"))
+                if ref is not None and m is not ref:
+                    r["params_before"], r["macs_before"] = number(ref.get("params")), number(ref.get("macs"))
+                if r["source_path"] is None and ref is not None and m is not ref:
+                    r["source_path"] = _resolve(ref.get("path"))
+            records.append(_derive(r))
+    for path, c in manifests.items():
+        if path not in benched:
+            r = _record(Path(path).name, path, c, runs)
+            r.update(bench=None, is_reference=False, latency_s=None, speedup=None, predict_wall_s=None,
+                     agreement_dice=None, dice_vs_labels=None, device=None, has_labels=False, not_benchmarked=True)
+            records.append(_derive(r))
+    return records
+
+
+def _record(name, path, c, runs) -> dict:
+    man = c.manifest if c else {}
+    tot, cfg = man.get("totals") or {}, man.get("config") or {}
+    src = _resolve((man.get("source") or {}).get("path"))
+    return {"name": name, "path": path, "compressed": c is not None, "rank_ratio": number(cfg.get("rank_ratio")),
+            "half": cfg.get("half"), "source_path": src, "source_run": runs.get(src) or runs.get(path),
+            "params_before": number(tot.get("params_before")), "params_after": number(tot.get("params_after")),
+            "macs_before": number(tot.get("macs_before")), "macs_after": number(tot.get("macs_after")),
+            "decomposition_s": number(tot.get("decomposition_s")), "patch_size": man.get("patch_size"),
+            "factorized_layers": sum(bool(layer.get("factorized")) for layer in man.get("layers") or []),
+            "layers": len(man.get("layers") or [])}
+
+
+def _derive(r: dict) -> dict:
+    pb, pa, mb, ma = r["params_before"], r["params_after"], r["macs_before"], r["macs_after"]
+    r["params_removed_frac"] = 1 - pa / pb if pa is not None and pb else None
+    r["macs_ratio"] = ma / mb if ma is not None and mb else None
+    return r
+
+
+def compression_table(records: list[dict]) -> Table | None:
+    if not records:
+        return None
+    cols = [("model", "Model"), ("source", "Source run"), ("rank_ratio", "Rank ratio"), ("params", "Params"),
+            ("macs", "MACs"), ("latency", "Latency (median)"), ("agreement", "Agreement Dice"),
+            ("dice_labels", "Dice vs labels"), ("decomp", "Decomposition time")]
+    multi = any(r.get("bench") for r in records)
+    if multi:
+        cols.append(("bench", "Bench"))
+    t = Table("Compressed models", cols, [], records)
+    t.remarks.append("Params: % removed vs the uncompressed model. MACs: ratio compressed/uncompressed at the "
+                     "patch size in compression.json (or the bench patch). Latency: median forward pass of one "
+                     "patch; speed-up vs the bench's reference model, measured on the same machine.")
+    for r in records:
+        c: dict[str, Cell] = {}
+
+        def dash(reason):
+            return Cell(DASH, [t.notes.ref(reason)])
+
+        name = r["name"] + (" (reference)" if r.get("is_reference") else "")
+        c["model"] = Cell(name + (" [fp16]" if r.get("half") else ""))
+        c["source"] = Cell(r["source_run"] or (Path(r["source_path"]).name if r["source_path"] else DASH))
+        c["rank_ratio"] = (Cell(f"{r['rank_ratio']:g}") if r["rank_ratio"] is not None
+                           else Cell("uncompressed") if not r["compressed"] else dash("rank ratio not recorded"))
+        if r["params_after"] is None:
+            c["params"] = dash("parameter count not recorded")
+        else:
+            extra = f" (−{r['params_removed_frac']:.1%})" if r["params_removed_frac"] is not None else ""
+            c["params"] = Cell(fmt_count(r["params_after"]) + extra)
+        if r["macs_after"] is None:
+            c["macs"] = dash("MACs not recorded")
+        else:
+            extra = f" ({r['macs_ratio']:.2f}×)" if r["macs_ratio"] is not None else ""
+            c["macs"] = Cell(fmt_count(r["macs_after"]) + extra)
+        if r["latency_s"] is None:
+            c["latency"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+        else:
+            sp = "" if r.get("is_reference") or r["speedup"] is None else f" ({r['speedup']:.2f}× speed-up)"
+            c["latency"] = Cell(f"{r['latency_s'] * 1000:.1f} ms{sp}")
+        if r["agreement_dice"] is not None:
+            c["agreement"] = Cell(f"{r['agreement_dice']:.4f}")
+        elif r.get("is_reference"):
+            c["agreement"] = dash("the reference model: agreement Dice is measured against its predictions")
+        elif r.get("not_benchmarked"):
+            c["agreement"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+        else:
+            c["agreement"] = dash("bench run without images (--images): no predictions to compare")
+        if r["dice_vs_labels"] is not None:
+            c["dice_labels"] = Cell(f"{r['dice_vs_labels']:.4f}")
+        elif r.get("not_benchmarked"):
+            c["dice_labels"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+        else:
+            c["dice_labels"] = dash("bench run without reference labels (--labels)")
+        if r["decomposition_s"] is not None:
+            c["decomp"] = Cell(fmt_duration(r["decomposition_s"]))
+        else:
+            c["decomp"] = dash("uncompressed model: no decomposition" if not r["compressed"]
+                               else "decomposition time not recorded")
+        if multi:
+            c["bench"] = Cell(Path(r["bench"]).parent.name if r.get("bench") else DASH)
+        t.rows.append(c)
+        r["display"] = {k: cell.text for k, cell in c.items()}
+        r["footnotes"] = {k: [t.notes.texts[i - 1] for i in cell.notes] for k, cell in c.items() if cell.notes}
+    return t
