@@ -21,8 +21,10 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 test: install
 	$(PY) -m pytest -q tests
 
+# Benchmarks write JSON + markdown into bench_out/; docs/results/ holds copies of recorded runs.
 bench: install
-	$(PY) -m nnunet_green.benchmarks.run_all --out bench_out
+	$(PY) benchmarks/compression_cpu.py --out bench_out
+	$(PY) benchmarks/compression_accuracy.py --out bench_out
 
 demo: install
 	$(PY) -m nnunet_green.demo --out demo_out $(if $(DATA),--data $(DATA),)

@@ -152,7 +152,8 @@ class nnUNetTrainerGreen(nnUNetTrainer):
         self.logger.log("green_epoch_s", row["epoch_s"], epoch)
         self.logger.log("green_nonfinite_steps", self._nonfinite_in_epoch, epoch)
         energy = "n/a" if row["energy_j"] is None else f"{row['energy_j']:.1f} J ({row['energy_source']})"
-        self.print_to_log_file(f"nnunet-green: energy {energy}, peak host RSS {row['host_rss_peak_mb']} MB"
+        rss = "n/a" if row["host_rss_peak_mb"] is None else f"{row['host_rss_peak_mb']:.0f} MB"
+        self.print_to_log_file(f"nnunet-green: energy {energy}, peak host RSS {rss}"
                                + (f", {self._nonfinite_in_epoch} non-finite steps skipped"
                                   if self._nonfinite_in_epoch else ""))
         super().on_epoch_end()
