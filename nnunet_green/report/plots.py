@@ -310,8 +310,12 @@ def compression_size(records: list[dict], out: Path) -> tuple[str, str]:
                 ax.axhline(g["ref"] * scale, color=c, ls="--", lw=1, label="uncompressed" if len(groups) == 1
                            else f"uncompressed ({g['name']})")
         ax.set_xlabel("rank ratio")
+        ax.set_xlim(0, 1.02)  # the whole ratio range, so one or two points are placed honestly
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
+        # axhline does not take part in autoscaling: leave room above the uncompressed reference line.
+        top = max([y * scale for g in groups.values() for _, y in g["points"]]
+                  + [g["ref"] * scale for g in groups.values() if g["ref"] is not None])
+        ax.set_ylim(0, top * 1.12)
         ax.grid(alpha=0.3)
         ax.set_title(title)
         if scale == 1:
@@ -343,6 +347,7 @@ def compression_dice(records: list[dict], out: Path) -> tuple[str, str]:
             if g["ref"] is not None and k == "dice_vs_labels":
                 ax.axhline(g["ref"], color=c, ls="--", lw=1, label=f"Dice vs labels, uncompressed{suffix}")
     ax.set_xlabel("rank ratio")
+    ax.set_xlim(0, 1.02)
     ax.set_ylabel("Dice")
     ax.set_title("Segmentation quality vs Tucker rank ratio")
     ax.grid(alpha=0.3)
