@@ -1,0 +1,87 @@
+"""Multiply-add counting by shape hooks on a fake-tensor forward (no real compute, no weight copies)."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _shape_forward(model: nn.Module, input_shape, dtype=torch.float32) -> None:
+    """One forward without real compute: FakeTensorMode propagates shapes only (the real weights are wrapped,
+    not copied). Meta-device stand-ins were tried first but InstanceNorm's meta decomposition mixes devices."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        model(torch.empty(tuple(input_shape), dtype=dtype))
+
+
+def module_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """Multiply-adds of one call (bias additions not counted); 0 for modules that are not conv/linear."""
+    if isinstance(module, _CONV):
+        k = math.prod(module.kernel_size)
+        return out.numel() * (module.in_channels // module.groups) * k
+    if isinstance(module, _CONVT):
+        k = math.prod(module.kernel_size)
+        return inp.numel() * (module.out_channels // module.groups) * k
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features
+    return 0
+
+
+def mac_breakdown(model: nn.Module, input_shape, dtype: torch.dtype = torch.float32) -> "OrderedDict[str, int]":
+    """Multiply-adds per conv/linear module (canonical name, in call order) for one forward of `input_shape`
+    (full shape including batch, e.g. (1, 1, 128, 128, 128)). The model's weights are untouched: the forward
+    runs under FakeTensorMode (shapes only), so a 128^3 forward costs about a second, not minutes."""
+    names = {}
+    for name, m in model.named_modules():  # first name wins = canonical name
+        names.setdefault(id(m), name)
+    counts: "OrderedDict[str, int]" = OrderedDict()
+
+    def hook(module, args, output):
+        inp = args[0]
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        n = module_macs(module, inp, out)
+        if n:
+            key = names.get(id(module), type(module).__name__)
+            counts[key] = counts.get(key, 0) + n
+
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in model.modules()}.values()
+               if isinstance(m, _CONV + _CONVT + (nn.Linear,))]
+    try:
+        _shape_forward(model, input_shape, dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def count_macs(model: nn.Module, input_shape) -> int:
+    """Total multiply-adds of conv, transposed conv and linear layers for one forward of `input_shape`
+    (including batch). Counts what the forward actually runs (e.g. deep-supervision heads only if enabled)."""
+    return sum(mac_breakdown(model, input_shape).values())
+
+
+def executed_params(model: nn.Module, input_shape) -> int:
+    """Parameters of the modules that one forward actually calls (each parameter once). For PlainConvUNet without
+    deep supervision this drops the unused deep-supervision heads, which is how published counts are quoted."""
+    called = {}
+
+    def hook(module, args, output):
+        called[id(module)] = module
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        _shape_forward(model, input_shape)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = {}
+    for m in called.values():
+        for p in m.parameters(recurse=False):
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
