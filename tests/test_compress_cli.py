@@ -1,0 +1,359 @@
+"""`nnunet-green-compress` and `nnunet-green-bench` on a real Hippocampus model trained by the real nnUNetv2_train;
+the compressed folders are read by the STOCK predictors (nnUNetv2_predict -d ..., nnUNetv2_predict_from_modelfolder)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BIN, run_cli
+
+TRAINER = "nnUNetTrainerGreenFP32"
+FOLDER = f"{TRAINER}__nnUNetPlans__3d_fullres"
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_seg(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.parent.glob(f".{out.name}.*")]
+
+
+@pytest.fixture(scope="module")
+def dense(trained_fp32) -> Path:
+    return trained_fp32.parent
+
+
+@pytest.fixture(scope="module")
+def compressed(dense, tmp_path_factory):
+    """Rank 0.12 written by the real CLI; checksums of the input tree before and after."""
+    root = tmp_path_factory.mktemp("compressed")
+    before = tree_digest(dense)
+    c012 = root / "c012" / FOLDER
+    run_cli("nnunet-green-compress", "-i", dense, "-o", c012, "--rank-ratio", 0.12)
+    return {"c012": c012, "before": before, "after": tree_digest(dense), "root": root}
+
+
+@pytest.fixture(scope="module")
+def compressed_full(dense, compressed):
+    """Rank 1.0 (exact re-parametrisation), fp16, written with --overwrite over a stale folder."""
+    c100 = compressed["root"] / "c100" / FOLDER
+    c100.mkdir(parents=True)
+    (c100 / "stale.txt").write_text("replaced by --overwrite")
+    run_cli("nnunet-green-compress", "-i", dense, "-o", c100, "--rank-ratio", 1.0, "--half", "--overwrite", "-q")
+    return c100
+
+
+@pytest.fixture(scope="module")
+def bench_run(hippocampus, dense, compressed, tmp_path_factory):
+    """nnunet-green-bench on dense (reference) + 0.12: params/MACs/latency, stock predictions of the held-out cases."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_cli("nnunet-green-bench", dense, compressed["c012"], "-o", out, "--repeats", 2, "--warmup", 1,
+                   "--images", hippocampus.test_images, "--labels", hippocampus.test_labels, "-f", 0,
+                   "--disable-tta", env=hippocampus.env())
+    return out, json.loads((out / "bench.json").read_text()), proc.stdout
+
+
+def test_input_tree_unchanged(compressed):
+    assert compressed["before"] == compressed["after"]
+
+
+def test_written_folder_plans_manifest_checkpoint(dense, compressed):
+    out = compressed["c012"]
+    assert sorted(p.name for p in out.iterdir()) == ["compression.json", "dataset.json", "dataset_fingerprint.json",
+                                                     "fold_0", "plans.json"]
+    assert leftovers(out) == []
+    assert (out / "dataset.json").read_bytes() == (dense / "dataset.json").read_bytes()
+
+    plans, src_plans = (json.loads((d / "plans.json").read_text()) for d in (out, dense))
+    arch, src_arch = (p["configurations"]["3d_fullres"]["architecture"] for p in (plans, src_plans))
+    from nnunet_green.compression.network import NETWORK_CLASS_NAME
+    assert arch["network_class_name"] == NETWORK_CLASS_NAME
+    kw = arch["arch_kwargs"]
+    assert kw["dense_network_class"] == src_arch["network_class_name"]
+    assert {k: v for k, v in kw.items() if k not in ("dense_network_class", "tucker_ranks")} == src_arch["arch_kwargs"]
+    assert arch["_kw_requires_import"] == src_arch["_kw_requires_import"]
+    ranks = kw["tucker_ranks"]
+    assert ranks and all(len(r) == 2 and min(r) >= 1 for r in ranks.values())
+    assert {k: v for k, v in plans.items() if k != "configurations"} == \
+        {k: v for k, v in src_plans.items() if k != "configurations"}
+
+    m = json.loads((out / "compression.json").read_text())
+    assert m["format"] == "nnunet-green-compression/1"
+    assert m["source"]["path"] == str(dense)
+    sha = hashlib.sha256((dense / "fold_0" / "checkpoint_final.pth").read_bytes()).hexdigest()
+    assert m["source"]["checkpoints"] == {"fold_0/checkpoint_final.pth": sha}
+    assert m["config"]["rank_ratio"] == 0.12 and m["config"]["half"] is False
+    assert m["configuration"] == "3d_fullres" and m["folds"] == ["0"] and m["checkpoint"] == "checkpoint_final.pth"
+    assert m["patch_size"] == src_plans["configurations"]["3d_fullres"]["patch_size"]
+    t = m["totals"]
+    assert 0 < t["params_after"] < 0.35 * t["params_before"]
+    assert 0 < t["macs_after"] < t["macs_before"] and t["decomposition_s"] > 0
+    assert m["recovery"] is None
+    factorized = [lay for lay in m["layers"] if lay["factorized"]]
+    assert {lay["name"] for lay in factorized} == set(ranks)
+    assert all(isinstance(lay["rel_error"], float) and 0 <= lay["rel_error"] < 1 for lay in factorized)
+    assert all(ranks[lay["name"]] == [lay["rank_in"], lay["rank_out"]] for lay in factorized)
+    assert m["verification"]["strict_load"] is True
+
+    ck = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    src = torch.load(dense / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["trainer_name"] == TRAINER == src["trainer_name"]
+    assert ck["init_args"] == src["init_args"]
+    assert ck["optimizer_state"] is None
+    assert all(v.dtype == torch.float32 for v in ck["network_weights"].values() if v.is_floating_point())
+
+
+def test_half_and_overwrite(compressed_full):
+    out = compressed_full
+    assert not (out / "stale.txt").exists() and leftovers(out) == []
+    m = json.loads((out / "compression.json").read_text())
+    assert m["config"] == {"rank_ratio": 1.0, "min_rank": m["config"]["min_rank"], "round_to": m["config"]["round_to"],
+                           "half": True}
+    assert all(lay["rel_error"] < 1e-3 for lay in m["layers"] if lay["factorized"])
+    ck = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = ck["network_weights"]
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    # aliased keys (convs reachable under several names) must still share storage, or the file inflates
+    unique = {v.untyped_storage().data_ptr(): v.numel() for v in weights.values()}
+    assert len(unique) < len(weights)
+    size = (out / "fold_0" / "checkpoint_final.pth").stat().st_size
+    assert size < 2 * sum(unique.values()) * 1.1 + 2e6
+
+
+def test_bench_json(bench_run, dense, compressed):
+    out, b, stdout = bench_run
+    assert "| model |" in stdout
+    assert b["format"] == "nnunet-green-bench/1" and b["device"] == "cpu"
+    assert set(b["machine"]) >= {"cpu", "gpu", "torch_threads", "torch"} and b["machine"]["gpu"] is None
+    assert [m["path"] for m in b["models"]] == [str(dense), str(compressed["c012"])]
+    names = [m["name"] for m in b["models"]]
+    assert len(set(names)) == 2 and b["reference"] == names[0]
+    ref, c012 = b["models"]
+    assert [m["rank_ratio"] for m in b["models"]] == [None, 0.12]
+    for m in b["models"]:
+        assert isinstance(m["params"], int) and isinstance(m["macs"], int) and m["patch_size"] == ref["patch_size"]
+        assert len(m["latency_s"]["runs"]) == 2 and m["latency_s"]["median"] > 0
+        assert m["predict_wall_s"] > 0
+        assert m["dice_vs_labels"] is None or 0 <= m["dice_vs_labels"] <= 1
+    assert ref["agreement_dice"] is None
+    assert c012["agreement_dice"] is None or 0 <= c012["agreement_dice"] <= 1
+    assert c012["params"] < 0.35 * ref["params"] and c012["macs"] < ref["macs"]
+    assert (out / "bench.md").read_text().count("\n|") >= 3
+    print(f"agreement Dice 0.12: {c012['agreement_dice']}; Dice vs labels dense/0.12: "
+          f"{ref['dice_vs_labels']}/{c012['dice_vs_labels']}")
+
+
+def test_stock_dataset_route_matches_modelfolder_route(hippocampus, compressed, bench_run, tmp_path):
+    # results tree with the compressed folder in nnU-Net's layout, read by the stock `nnUNetv2_predict -d 4`
+    results = tmp_path / "results"
+    shutil.copytree(compressed["c012"], results / "Dataset004_Hippocampus" / FOLDER)
+    pred_d = tmp_path / "pred_dataset_route"
+    run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", pred_d, "-d", 4, "-tr", TRAINER,
+            "-p", "nnUNetPlans", "-c", "3d_fullres", "-f", 0, "-device", "cpu", "--disable_progress_bar",
+            "-npp", 1, "-nps", 1, "--disable_tta", env=hippocampus.env(nnUNet_results=results))
+    out, b, _ = bench_run
+    preds = out / "predictions" / b["models"][1]["name"]  # written by nnUNetv2_predict_from_modelfolder
+    cases = sorted(p.name for p in preds.glob("*.nii.gz"))
+    assert cases == sorted(p.name for p in hippocampus.test_labels.glob("*.nii.gz"))
+    for case in cases:  # same model, two stock routes: identical segmentations
+        np.testing.assert_array_equal(read_seg(pred_d / case), read_seg(preds / case))
+
+
+def test_rank_one_reproduces_dense_predictions(hippocampus, compressed_full, bench_run, tmp_path):
+    pred = tmp_path / "pred_rank1"
+    run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", compressed_full,
+            "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1, "--disable_tta",
+            env=hippocampus.env())
+    out, b, _ = bench_run
+    dense_preds = out / "predictions" / b["models"][0]["name"]
+    cases = sorted(p.name for p in dense_preds.glob("*.nii.gz"))
+    assert cases
+    # exact factorization with fp16 weights: the dense model's segmentation, up to a few boundary voxels
+    same = np.mean([np.mean(read_seg(dense_preds / c) == read_seg(pred / c)) for c in cases])
+    assert same > 0.999
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input: one clear error line, non-zero exit, nothing left behind
+# ---------------------------------------------------------------------------------------------------------------------
+
+def copy_model(dense: Path, dst: Path) -> Path:
+    shutil.copytree(dense, dst, ignore=shutil.ignore_patterns("validation", "*.png", "checkpoint_best.pth"))
+    return dst
+
+
+GROUPED_NET = '''
+from torch import nn
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+
+class GroupedUNet(PlainConvUNet):
+    """PlainConvUNet whose first conv is grouped (depthwise-like): not Tucker-2 factorizable."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        conv = self.encoder.stages[0][0].convs[1].conv
+        grouped = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            groups=conv.in_channels)
+        self.encoder.stages[0][0].convs[1].conv = grouped
+        self.encoder.stages[0][0].convs[1].all_modules[0] = grouped
+'''
+
+
+def _corrupt(folder: Path, case: str, tmp_path: Path, monkeypatch) -> list[str]:
+    """Make `folder` bad in the way `case` names; return extra CLI args."""
+    ck = folder / "fold_0" / "checkpoint_final.pth"
+    if case == "no_plans":
+        (folder / "plans.json").unlink()
+    elif case == "no_dataset_json":
+        (folder / "dataset.json").unlink()
+    elif case == "missing_checkpoint":
+        ck.unlink()
+    elif case == "corrupt_checkpoint":
+        ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 3])
+    elif case == "not_a_checkpoint":
+        torch.save({"weights": torch.zeros(3)}, ck)
+    elif case == "fold_not_present":
+        return ["-f", "3"]
+    elif case == "already_compressed_manifest":
+        (folder / "compression.json").write_text("{}")
+    elif case == "unknown_network_class":
+        plans = json.loads((folder / "plans.json").read_text())
+        plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "no_such_module.NoSuchUNet"
+        (folder / "plans.json").write_text(json.dumps(plans))
+    elif case == "grouped_conv":
+        mod = tmp_path / "grouped_mod"
+        mod.mkdir()
+        (mod / "grouped_net.py").write_text(GROUPED_NET)
+        monkeypatch.syspath_prepend(str(mod))
+        import grouped_net
+        plans = json.loads((folder / "plans.json").read_text())
+        arch = plans["configurations"]["3d_fullres"]["architecture"]
+        arch["network_class_name"] = "grouped_net.GroupedUNet"
+        (folder / "plans.json").write_text(json.dumps(plans))
+        import pydoc
+        kw = {k: (pydoc.locate(v) if k in arch["_kw_requires_import"] and v else v)
+              for k, v in arch["arch_kwargs"].items()}
+        net = grouped_net.GroupedUNet(input_channels=1, num_classes=3, deep_supervision=False, **kw)
+        state = torch.load(ck, map_location="cpu", weights_only=False)
+        state["network_weights"] = net.state_dict()
+        torch.save(state, ck)
+    else:
+        raise AssertionError(case)
+    return []
+
+
+BAD_FOLDERS = ["no_plans", "no_dataset_json", "missing_checkpoint", "corrupt_checkpoint", "not_a_checkpoint",
+               "fold_not_present", "already_compressed_manifest", "unknown_network_class", "grouped_conv"]
+EXPECT = {"no_plans": "plans.json", "no_dataset_json": "dataset.json", "missing_checkpoint": "checkpoint_final.pth",
+          "corrupt_checkpoint": "cannot read checkpoint", "not_a_checkpoint": "not an nnU-Net checkpoint",
+          "fold_not_present": "fold 3 not present", "already_compressed_manifest": "already compressed",
+          "unknown_network_class": "unsupported network class", "grouped_conv": "groups="}
+
+
+def _assert_clean_failure(code: int, err: str, out: Path, expect: str):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0
+    assert len(lines) == 1, err
+    assert lines[0].startswith("nnunet-green-compress: error: ") and expect in lines[0], lines[0]
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_model_folder_in_process(case, dense, tmp_path, monkeypatch, capsys):
+    from nnunet_green.compression import cli
+
+    src = copy_model(dense, tmp_path / "src" / FOLDER)
+    extra = _corrupt(src, case, tmp_path, monkeypatch)
+    before = tree_digest(src)
+    out = tmp_path / "new" / "deeper" / FOLDER
+    code = cli.main(["-i", str(src), "-o", str(out), "--rank-ratio", "0.12", "-q", *extra])
+    _assert_clean_failure(code, capsys.readouterr().err, out, EXPECT[case])
+    assert not (tmp_path / "new").exists()  # parents it created are gone too
+    assert tree_digest(src) == before
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.1", "1.5", "nan", "abc"])
+def test_bad_rank_ratio_real_cli(ratio, dense, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("nnunet-green-compress", "-i", dense, "-o", out, "--rank-ratio", ratio, check=False)
+    _assert_clean_failure(proc.returncode, proc.stderr, out, "rank-ratio")
+
+
+def test_bad_inputs_real_cli(dense, compressed, tmp_path):
+    # missing folder
+    out = tmp_path / "out"
+    proc = run_cli("nnunet-green-compress", "-i", tmp_path / "nope", "-o", out, check=False)
+    _assert_clean_failure(proc.returncode, proc.stderr, out, "not found")
+    # already compressed (plans name our class)
+    src = tmp_path / "again" / FOLDER
+    shutil.copytree(compressed["c012"], src)
+    (src / "compression.json").unlink()
+    proc = run_cli("nnunet-green-compress", "-i", src, "-o", out, check=False)
+    _assert_clean_failure(proc.returncode, proc.stderr, out, "already compressed")
+    # existing output without --overwrite is refused and left alone
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    (exists / "keep.txt").write_text("x")
+    proc = run_cli("nnunet-green-compress", "-i", dense, "-o", exists, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        f"nnunet-green-compress: error: output {exists} already exists (use --overwrite to replace it)"]
+    assert [p.name for p in exists.iterdir()] == ["keep.txt"] and leftovers(exists) == []
+    # output inside the input would modify it
+    proc = run_cli("nnunet-green-compress", "-i", dense, "-o", dense / "compressed", check=False)
+    assert proc.returncode != 0 and "must not be inside" in proc.stderr and not (dense / "compressed").exists()
+
+
+def test_help_has_examples():
+    proc = subprocess.run([str(BIN / "nnunet-green-compress"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "TOTALSEG_WEIGHTS_PATH" in proc.stdout and "--rank-ratio" in proc.stdout
+    proc = subprocess.run([str(BIN / "nnunet-green-bench"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--images" in proc.stdout
+
+
+def test_bench_bad_inputs(dense, hippocampus, tmp_path):
+    def err(*args):
+        proc = run_cli("nnunet-green-bench", *args, "-o", tmp_path / "b", check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("nnunet-green-bench: error: "), \
+            proc.stderr
+        return lines[0]
+
+    assert "not found" in err(tmp_path / "missing")
+    assert "not an nnU-Net model folder" in err(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no *_0000.nii.gz" in err(dense, "--images", empty)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    assert "no label" in err(dense, "--images", hippocampus.test_images, "--labels", labels)
+
+
+def test_python_api_matches_manifest_schema(compressed):
+    """compress_model_folder is importable and the manifest carries exactly the documented top-level keys."""
+    from nnunet_green.compression.model_folder import compress_model_folder  # noqa: F401
+
+    m = json.loads((compressed["c012"] / "compression.json").read_text())
+    documented = {"format", "nnunet_green_version", "created", "source", "config", "configuration", "patch_size",
+                  "folds", "checkpoint", "totals", "layers", "recovery"}
+    assert documented <= set(m)
+    lay = m["layers"][0]
+    assert {"name", "aliases", "kind", "in_channels", "out_channels", "kernel_size", "stride", "rank_in", "rank_out",
+            "params_before", "params_after", "macs_before", "macs_after", "rel_error", "factorized",
+            "reason"} <= set(lay)
+    assert all(isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+               for v in m["totals"].values())
