@@ -1,0 +1,258 @@
+"""Accuracy recovery of compressed models on a real Hippocampus model trained by the real nnUNetv2_train:
+label-free distillation (held-out error must drop), the fine-tune trainer through the stock nnUNetv2_train and
+nnUNetv2_predict, budgeted rank selection vs the uniform ratio, and the bad-input errors."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+FINETUNE = "nnUNetTrainerTuckerFinetune"
+TUCKER_NETWORK = "nnunet_green.compression.network.TuckerFactorizedNetwork"
+
+
+@pytest.fixture(scope="module")
+def compressed(trained_fp32, tmp_path_factory) -> Path:
+    """The trained model compressed at rank ratio 0.12 (88 % of the factorized layers' parameters removed)."""
+    from nnunet_green.compression import TuckerConfig
+    from nnunet_green.compression.model_folder import compress_model_folder
+
+    out = tmp_path_factory.mktemp("recovery") / "compressed"
+    compress_model_folder(trained_fp32.parent, out, TuckerConfig(rank_ratio=0.12))
+    return out
+
+
+def _distill_cli(*args) -> subprocess.CompletedProcess:
+    # the console script is installed by setup.cfg; the module entry point is the same main()
+    return subprocess.run([sys.executable, "-m", "nnunet_green.compression.distill_cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _center_patch(hippocampus, model, case_files) -> torch.Tensor:
+    """One patch of an image preprocessed by nnU-Net's own preprocessor (as the predictor does), centre crop/pad."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        data, _, _ = model.configuration_manager.preprocessor_class(verbose=False).run_case(
+            case_files, None, model.plans_manager, model.configuration_manager, model.dataset_json)
+    patch = list(model.configuration_manager.patch_size)
+    out = np.zeros((data.shape[0], *patch), dtype=np.float32)
+    src, dst = [], []
+    for s, p in zip(data.shape[1:], patch):
+        n = min(s, p)
+        a, b = (s - n) // 2, (p - n) // 2
+        src.append(slice(a, a + n))
+        dst.append(slice(b, b + n))
+    out[(slice(None), *dst)] = data[(slice(None), *src)]
+    return torch.from_numpy(out)[None]
+
+
+@torch.no_grad()
+def _rel_error(student, teacher, x) -> float:
+    t, s = teacher.network.eval()(x), student.network.eval()(x)
+    return float((s - t).norm() / t.norm())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. label-free distillation
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_distillation_reduces_heldout_error(hippocampus, compressed, tmp_path):
+    from nnunet_green.compression.distill import load_model, distill_model_folder
+
+    folder = tmp_path / "student"
+    shutil.copytree(compressed, folder)
+    teacher_folder = Path(json.loads((folder / "compression.json").read_text())["source"]["path"])
+    ck = folder / "fold_0" / "checkpoint_final.pth"
+    ck_before = ck.read_bytes()
+
+    # an independent held-out check: a test image that is NOT in the distillation folder
+    test_case = sorted(hippocampus.test_images.glob("*_0000.nii.gz"))[0]
+    teacher = load_model(teacher_folder, "0", "checkpoint_final.pth", "teacher")
+    x = _center_patch(hippocampus, teacher, [str(test_case)])
+    err_before = _rel_error(load_model(folder, "0", "checkpoint_final.pth", "student"), teacher, x)
+
+    train_images = hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr"
+    rec = distill_model_folder(folder, train_images, steps=3, lr=1e-3, batch_size=1, patches_per_image=2,
+                               heldout_patches=2, seed=0, progress=False)
+
+    # the function's own held-out measurement (images it did not train on)
+    assert rec["heldout"] == "images" and len(rec["heldout_images"]) == 1 and rec["train_images"] == 5
+    assert rec["steps_done"] == 3
+    assert rec["heldout_rel_error_after"] < rec["heldout_rel_error_before"]
+    assert rec["loss_after"] < rec["loss_before"]
+    # the saved checkpoint, loaded the way the stock predictor loads it, is closer to the teacher on a new image
+    err_after = _rel_error(load_model(folder, "0", "checkpoint_final.pth", "student"), teacher, x)
+    assert err_after < err_before, (err_before, err_after)
+
+    # recorded in compression.json; checkpoint replaced atomically, trainer name/init args kept
+    manifest = json.loads((folder / "compression.json").read_text())
+    assert manifest["recovery"]["method"] == "distillation"
+    assert manifest["recovery"]["steps"] == 3 and manifest["recovery"]["images"] == 6
+    assert manifest["recovery"]["device"] == "cpu" and manifest["recovery"]["seconds"] > 0
+    assert ck.read_bytes() != ck_before
+    new, old = torch.load(ck, weights_only=False), torch.load(compressed / "fold_0" / "checkpoint_final.pth",
+                                                            weights_only=False)
+    assert new["trainer_name"] == old["trainer_name"] and new["init_args"] == old["init_args"]
+    assert set(new["network_weights"]) == set(old["network_weights"])
+    assert not [p.name for p in folder.rglob(".*tmp*")]
+
+
+@pytest.fixture()
+def images_like(hippocampus, tmp_path):
+    """Build an images folder from the first test image: make(channels=[0, 1]) -> folder."""
+    src = sorted(hippocampus.test_images.glob("*_0000.nii.gz"))[0]
+
+    def make(channels):
+        d = tmp_path / f"images_{len(channels)}"
+        d.mkdir()
+        for c in channels:
+            shutil.copy(src, d / f"case_{c:04d}.nii.gz")
+        return d
+    return make
+
+
+def test_distill_bad_input(trained_fp32, compressed, images_like, tmp_path):
+    ok_images = images_like([0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "uncompressed": ((trained_fp32.parent, "--images", ok_images), "not a compressed model folder"),
+        "empty images": ((compressed, "--images", empty), "no images in"),
+        "missing images": ((compressed, "--images", tmp_path / "nope"), "images folder not found"),
+        "channels": ((compressed, "--images", images_like([0, 1])), "expects 1 channel"),
+        "teacher": ((compressed, "--images", ok_images, "--teacher", tmp_path / "nope"), "teacher (dense) model"),
+        "teacher compressed": ((compressed, "--images", ok_images, "--teacher", compressed), "itself a compressed"),
+    }
+    before = (compressed / "compression.json").read_text()
+    for what, (args, message) in cases.items():
+        proc = _distill_cli(*args, "--steps", 1, "-q")
+        assert proc.returncode == 1, (what, proc.stdout, proc.stderr)
+        lines = [line for line in proc.stderr.strip().splitlines() if line]
+        assert lines[-1].startswith("nnunet-green-distill: error:") and message in lines[-1], (what, proc.stderr)
+        assert "Traceback" not in proc.stderr, what
+    assert (compressed / "compression.json").read_text() == before  # nothing written on failure
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. fine-tuning with labels through the stock nnUNetv2_train / nnUNetv2_predict
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_finetune_trainer_stock_train_and_predict(hippocampus, compressed, tmp_path):
+    fold = hippocampus.train(FINETUNE, fold=0, epochs=1, iters=2, val_iters=1, nnUNet_green_finetune_from=compressed)
+    model = fold.parent
+    plans = json.loads((model / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    src_arch = json.loads((compressed / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert arch["network_class_name"] == TUCKER_NETWORK
+    assert arch["arch_kwargs"]["tucker_ranks"] == src_arch["arch_kwargs"]["tucker_ranks"]
+
+    ck = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    start = torch.load(compressed / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert ck["trainer_name"] == FINETUNE
+    assert set(ck["network_weights"]) == set(start)  # factorized state dict
+    changed = [k for k in start if not torch.equal(start[k], ck["network_weights"][k].to(start[k].dtype))]
+    assert changed, "fine-tuning did not change any weight"
+    # it started from the compressed weights, not from a fresh init: small relative change after 2 steps
+    k = next(k for k in start if k.endswith("core.weight"))
+    rel = float((ck["network_weights"][k] - start[k]).norm() / start[k].norm())
+    assert rel < 0.2, rel
+    manifest = json.loads((model / "compression.json").read_text())
+    assert manifest["recovery"]["method"] == "finetune" and manifest["recovery"]["epochs"] == 1
+    assert (fold / "green_summary.json").is_file()  # metered like the other green trainers
+
+    out = tmp_path / "pred"
+    run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", out, "-d", 4, "-c", "3d_fullres", "-f", 0,
+            "-tr", FINETUNE, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1, env=hippocampus.env())
+    preds = sorted(p.name for p in out.glob("*.nii.gz"))
+    cases = sorted(p.name.replace("_0000.nii.gz", ".nii.gz") for p in hippocampus.test_images.glob("*_0000.nii.gz"))
+    assert preds == cases
+
+
+def test_finetune_trainer_bad_input(hippocampus, trained_fp32, tmp_path):
+    """No env var / an uncompressed folder: nnUNetv2_train stops at init with the trainer's message."""
+    from conftest import BIN, DATASET_ID
+
+    for env, message in (({}, "nnUNet_green_finetune_from"),
+                         ({"nnUNet_green_finetune_from": trained_fp32.parent}, "not a compressed model folder")):
+        proc = subprocess.run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", FINETUNE,
+                               "-device", "cpu"], env=hippocampus.env(**env), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode != 0
+        assert "RuntimeError" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. budgeted rank selection
+# ------------------------------------------------------------------------------------------------------------------
+
+def _trained_network(trained_fp32):
+    from nnunet_green.compression.network import build_network_from_plans
+
+    model = trained_fp32.parent
+    net = build_network_from_plans(json.loads((model / "plans.json").read_text()), "3d_fullres",
+                                   json.loads((model / "dataset.json").read_text()))
+    net.load_state_dict(torch.load(trained_fp32 / "checkpoint_final.pth", weights_only=False)["network_weights"])
+    return net.eval()
+
+
+def test_budgeted_ranks_beat_uniform_at_equal_budget(trained_fp32):
+    import copy
+
+    from nnunet_green.compression import TuckerConfig, tucker_
+    from nnunet_green.compression.rank_selection import apply_ranks_, select_ranks
+
+    dense = _trained_network(trained_fp32)
+    uniform = copy.deepcopy(dense)
+    records = tucker_(uniform, TuckerConfig(rank_ratio=0.12))
+    sel0 = select_ranks(dense, 0.5)  # only for the list of eligible layers
+    eligible = {c.name: c.dense_cost for c in sel0.layers}
+    uni = {r.name: r for r in records if r.name in eligible}
+    assert uni and all(r.factorized for r in uni.values())
+    uniform_cost = sum(r.params_after for r in uni.values())
+    budget = uniform_cost / sum(eligible.values())
+
+    sel = select_ranks(dense, budget, cost="params")
+    assert sel.selected_cost <= budget * sel.dense_cost * (1 + 1e-9)  # respects the budget
+    assert sel.kept_fraction > 0.9 * budget  # and spends it
+    assert all(r_in % 8 == 0 and r_out % 8 == 0 for r_in, r_out in sel.ranks.values())
+
+    budgeted = copy.deepcopy(dense)
+    errors = apply_ranks_(budgeted, sel.ranks)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(budgeted) <= n_params(uniform) * (1 + 1e-9)
+
+    # total relative squared reconstruction error over the eligible layers (dense layers contribute 0)
+    uniform_total = sum(r.rel_error ** 2 for r in uni.values())
+    budgeted_total = sum(e ** 2 for e in errors.values())
+    assert budgeted_total < uniform_total, (budgeted_total, uniform_total)
+
+    # the budgeted network is a valid network: finite output of the right shape
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = dense(x), budgeted(x)
+    assert a.shape == b.shape and torch.isfinite(b).all()
+
+
+def test_budget_validation(trained_fp32):
+    from nnunet_green.compression.rank_selection import select_ranks
+
+    dense = _trained_network(trained_fp32)
+    for bad in (0.0, 1.0, -0.1, True):
+        with pytest.raises(ValueError, match="budget"):
+            select_ranks(dense, bad)
+    with pytest.raises(ValueError, match="minimum ranks"):
+        select_ranks(dense, 1e-4)
+    with pytest.raises(ValueError, match="input_shape"):
+        select_ranks(dense, 0.2, cost="macs")
+    sel = select_ranks(dense, 0.2, cost="macs", input_shape=(1, 1, 40, 56, 40))
+    assert sel.selected_cost <= 0.2 * sel.dense_cost * (1 + 1e-9) and not math.isnan(sel.kept_fraction)
