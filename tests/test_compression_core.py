@@ -358,3 +358,13 @@ def test_full_rank_caps_ranks_at_what_the_weight_can_hold():
     record, = tucker_(stem, TuckerConfig(rank_ratio=1.0))
     assert (record.rank_in, record.rank_out) == (1, 27)
     assert ((stem(x) - expected).norm() / expected.norm()).item() <= 1e-4
+
+
+def test_explicit_ranks_factorize_exactly_the_named_layers():
+    net = nn.Sequential(nn.Conv3d(16, 32, 3), nn.Conv3d(32, 32, 3))
+    records = tucker_(net, TuckerConfig(), ranks={"1": (8, 16)})
+    assert [(r.name, r.factorized, r.rank_in, r.rank_out) for r in records] == \
+        [("0", False, None, None), ("1", True, 8, 16)]
+    assert isinstance(net[1], TuckerConv) and records[0].reason == "not among the given ranks"
+    with pytest.raises(KeyError, match="nope"):
+        tucker_(nn.Sequential(nn.Conv3d(16, 32, 3)), TuckerConfig(), ranks={"nope": (8, 8)})

@@ -162,13 +162,22 @@ def plan_layer(conv: nn.Module, config: TuckerConfig) -> tuple[int | None, int |
     return r_in, r_out, None
 
 
+def _given_ranks(conv: nn.Module, name: str, ranks: dict) -> tuple[int | None, int | None, str | None]:
+    if name not in ranks:
+        return None, None, "not among the given ranks"
+    check_factorizable(conv, name)  # explicit ranks for an unsupported layer are an error, not a silent skip
+    r_in, r_out = ranks[name]
+    return int(r_in), int(r_out), None
+
+
 def tucker_(model: nn.Module, config: TuckerConfig = TuckerConfig(),
             filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = False,
-            input_shape=None) -> list[LayerRecord]:
+            input_shape=None, ranks: dict[str, tuple[int, int]] | None = None) -> list[LayerRecord]:
     """Factorize the convs of `model` in place; one LayerRecord per unique conv considered (dense ones too).
 
     filter_fn(module, canonical_name) -> False leaves a layer dense. With `input_shape` (full shape incl. batch)
-    the records get measured per-layer multiply-adds (fake-tensor forward, no compute).
+    the records get measured per-layer multiply-adds (fake-tensor forward, no compute). `ranks` (canonical name ->
+    (r_in, r_out), e.g. from rank_selection) replaces the uniform rule: exactly those layers are factorized.
     """
     if not isinstance(config, TuckerConfig):
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
@@ -176,6 +185,9 @@ def tucker_(model: nn.Module, config: TuckerConfig = TuckerConfig(),
 
     macs_before = mac_breakdown(model, input_shape) if input_shape is not None else None
     aliases = conv_aliases(model)
+    unknown = set(ranks or ()) - {names[0] for names in aliases.values()}
+    if unknown:
+        raise KeyError(f"tucker_: ranks name no conv of {type(model).__name__}: {', '.join(sorted(unknown))}")
     modules = {id(m): m for m in model.modules()}
     refs = _parent_refs(model)
     records: list[LayerRecord] = []
@@ -193,7 +205,7 @@ def tucker_(model: nn.Module, config: TuckerConfig = TuckerConfig(),
             if filter_fn is not None and not filter_fn(conv, name):
                 rec.reason = "excluded by filter_fn"
             else:
-                r_in, r_out, rec.reason = plan_layer(conv, config)
+                r_in, r_out, rec.reason = plan_layer(conv, config) if ranks is None else _given_ranks(conv, name, ranks)
                 if rec.reason is None:
                     t0 = time.perf_counter()
                     first, core, last, err = decompose_conv_weight(conv.weight, r_in, r_out,

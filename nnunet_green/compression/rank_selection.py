@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .api import _TRANSPOSED, _one_thread, _parent_refs, _replace, conv_aliases, factorized_params, mac_fraction
-from .decompose import decompose_conv_weight
-from .layers import TuckerConv, check_factorizable, gemm_pointwise_
+from .api import _TRANSPOSED, TuckerConfig, _one_thread, conv_aliases, factorized_params, mac_fraction, tucker_
+from .layers import check_factorizable
 
 COSTS = ("params", "macs")
 
@@ -225,23 +224,6 @@ def budgeted_ranks(model: nn.Module, budget: float, cost: str = "params", **kwar
 
 def apply_ranks_(model: nn.Module, ranks: dict[str, tuple[int, int]], n_iter_max: int = 2,
                  gemm_pointwise: bool = True) -> dict[str, float]:
-    """Decompose the named convs of `model` in place at the given ranks (same decomposition and module swap as
-    `tucker_`, aliases stay shared); returns {name: relative reconstruction error}."""
-    by_name = dict(model.named_modules())
-    refs = _parent_refs(model)
-    errors = {}
-    with _one_thread():
-        for name, (r_in, r_out) in ranks.items():
-            conv = by_name.get(name)
-            if conv is None:
-                raise KeyError(f"apply_ranks_: no module named '{name}' in {type(model).__name__}")
-            check_factorizable(conv, name)
-            first, core, last, errors[name] = decompose_conv_weight(conv.weight, int(r_in), int(r_out),
-                                                                    isinstance(conv, _TRANSPOSED), n_iter_max)
-            new = TuckerConv.from_conv(conv, int(r_in), int(r_out), name=name)
-            new.set_factors(first, core, last, conv.bias.detach() if conv.bias is not None else None)
-            new.train(conv.training)
-            _replace(refs, conv, new, name)
-    if gemm_pointwise:
-        gemm_pointwise_(model)
-    return errors
+    """Decompose the named convs of `model` in place at the given ranks; returns {name: relative error}."""
+    records = tucker_(model, TuckerConfig(n_iter_max=n_iter_max, gemm_pointwise=gemm_pointwise), ranks=ranks)
+    return {r.name: r.rel_error for r in records if r.factorized}
