@@ -40,9 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MSD-layout task folder (e.g. Task04_Hippocampus); default: a small SYNTHETIC dataset")
     p.add_argument("--n-train", type=int, default=20, help="training cases taken from --data (default 20)")
     p.add_argument("--n-test", type=int, default=5, help="held-out cases, scored against their labels (default 5)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per training run (default 5)")
-    p.add_argument("--iters", type=int, default=20, help="training iterations per epoch (default 20)")
-    p.add_argument("--val-iters", type=int, default=5, help="online validation iterations per epoch (default 5)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per training run (default 4)")
+    p.add_argument("--iters", type=int, default=40, help="training iterations per epoch (default 40)")
+    p.add_argument("--val-iters", type=int, default=3, help="online validation iterations per epoch (default 3)")
     p.add_argument("--trainers", nargs="+", default=None,
                    help=f"trainers to compare, first is the baseline (default on CPU: {' '.join(CPU_TRAINERS)}; "
                         f"on GPU: {' '.join(GPU_TRAINERS)})")
@@ -93,7 +93,7 @@ class Demo:
         log = self.logs / f"{name}.log"
         t0 = time.perf_counter()
         command = [str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0], *map(str, cmd[1:])]
-        with open(log, "w") as f:
+        with open(log, "w", buffering=1) as f:  # line-buffered: the log can be followed while it runs
             f.write("$ " + " ".join(command) + "\n")
             proc = subprocess.Popen(command, env=env or self.env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
