@@ -91,7 +91,7 @@ def training_table(inputs: Inputs) -> Table | None:
         return None
     base = baseline(settings)
     mem_key, mem_label = memory_metric(settings)
-    cols = [("setting", "Setting"), ("precision", "Precision"), ("optimizer", "Optimizer"), ("folds", "Folds"),
+    cols = [("setting", "Setting"), ("precision", "Precision"), ("optimizer", "Optimizer"), ("folds", "Fold(s)"),
             ("parameters", "Params"), ("dice", "Dice"), ("time", "Training time"), ("energy", "Energy"),
             ("co2", "CO2eq"), ("gpu_mem", "Peak GPU mem"), ("host_mem", "Peak host mem"),
             ("opt_state", "Optimizer state"), ("dice_per_kj", "Dice/kJ"), ("energy_source", "Energy source")]
