@@ -138,10 +138,7 @@ def per_epoch_cost(settings: list[Setting], out: Path) -> tuple[str, str]:
         name = "energy_per_epoch.png"
         cap = "Energy per epoch (J) of each setting."
     else:
-        for s in settings:
-            ep, y = epoch_series(s, "epoch_s")
-            if ep:
-                ax.plot(ep, y, marker="o", ms=3, color=col[s.name], label=s.name + _folds(s))
+        _plot_per_epoch(ax, settings, "epoch_s", col)
         if not ax.lines:
             plt.close(fig)
             raise Skip("no per-epoch energy or time in any green_log.csv")
@@ -150,11 +147,8 @@ def per_epoch_cost(settings: list[Setting], out: Path) -> tuple[str, str]:
         foot = []
         name = "time_per_epoch.png"
         cap = "Time per epoch (s): no run has energy measurements, so time is shown instead."
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    _legend_below(ax, ncol=2 if len(settings) > 4 else 1)
+    _finish_per_epoch(ax, settings)
     if foot:
         fig.text(0.01, 1.0, "\n".join(foot), fontsize=8, va="bottom", ha="left")
     return _save(fig, out, name), cap
@@ -164,22 +158,30 @@ def _folds(s: Setting) -> str:
     return f" (mean of {len(s.folds)} folds)" if len(s.folds) > 1 else ""
 
 
+def _plot_per_epoch(ax, settings: list[Setting], key: str, col: dict) -> None:
+    for s in settings:
+        ep, y = epoch_series(s, key)
+        if ep:
+            ax.plot(ep, y, marker="o", ms=3, color=col[s.name], label=s.name + _folds(s))
+
+
+def _finish_per_epoch(ax, settings: list[Setting]) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    _legend_below(ax, ncol=2 if len(settings) > 4 else 1)
+
+
 def pseudo_dice(settings: list[Setting], out: Path) -> tuple[str, str]:
     col = colors(settings)
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for s in settings:
-        ep, y = epoch_series(s, "pseudo_dice")
-        if ep:
-            ax.plot(ep, y, marker="o", ms=3, color=col[s.name], label=s.name + _folds(s))
+    _plot_per_epoch(ax, settings, "pseudo_dice", col)
     if not ax.lines:
         plt.close(fig)
         raise Skip("no pseudo Dice in any green_log.csv")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("pseudo Dice (online validation, mean fg)")
     ax.set_title("Validation pseudo Dice per epoch")
-    ax.grid(alpha=0.3)
-    _legend_below(ax, ncol=2 if len(settings) > 4 else 1)
+    _finish_per_epoch(ax, settings)
     return _save(fig, out, "pseudo_dice_per_epoch.png"), "nnU-Net's online-validation pseudo Dice per epoch."
 
 
