@@ -59,6 +59,14 @@ def compressed_full(dense, compressed):
 
 
 @pytest.fixture(scope="module")
+def compressed_exact(dense, compressed):
+    """Rank 1.0 in fp32: an exact re-parametrisation of the dense model."""
+    out = compressed["root"] / "c100_fp32" / FOLDER
+    run_cli("nnunet-green-compress", "-i", dense, "-o", out, "--rank-ratio", 1.0, "-q")
+    return out
+
+
+@pytest.fixture(scope="module")
 def bench_run(hippocampus, dense, compressed, tmp_path_factory):
     """nnunet-green-bench on dense (reference) + 0.12: params/MACs/latency, stock predictions of the held-out cases."""
     out = tmp_path_factory.mktemp("bench")
@@ -174,18 +182,19 @@ def test_stock_dataset_route_matches_modelfolder_route(hippocampus, compressed, 
         np.testing.assert_array_equal(read_seg(pred_d / case), read_seg(preds / case))
 
 
-def test_rank_one_reproduces_dense_predictions(hippocampus, compressed_full, bench_run, tmp_path):
+def test_rank_one_reproduces_dense_predictions(hippocampus, compressed_exact, bench_run, tmp_path):
     pred = tmp_path / "pred_rank1"
-    run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", compressed_full,
+    run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", compressed_exact,
             "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1, "--disable_tta",
             env=hippocampus.env())
     out, b, _ = bench_run
     dense_preds = out / "predictions" / b["models"][0]["name"]
     cases = sorted(p.name for p in dense_preds.glob("*.nii.gz"))
     assert cases
-    # exact factorization with fp16 weights: the dense model's segmentation, up to a few boundary voxels
+    # exact factorization in fp32: the dense model's segmentation, up to voxels whose two best logits tie within
+    # float rounding (fp16 weights, tested above, move many more near-tie voxels of a barely trained model)
     same = np.mean([np.mean(read_seg(dense_preds / c) == read_seg(pred / c)) for c in cases])
-    assert same > 0.999
+    assert same > 0.9999
 
 
 # ---------------------------------------------------------------------------------------------------------------------
