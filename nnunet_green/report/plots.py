@@ -206,15 +206,20 @@ def dice_per_kj(settings: list[Setting], out: Path) -> tuple[str, str]:
     per = " per fold" if any(len(s.folds) > 1 for s in settings) else ""
     ax.set_xlabel(f"Dice per kJ of training energy{per} (higher is better)")
     ax.set_title("Dice per kJ")
+    _energy_footnote(fig, settings, have, "hatched")
+    return _save(fig, out, "dice_per_kj.png"), "Dice per kJ of training energy (hatched: estimated energy)."
+
+
+def _energy_footnote(fig, settings: list[Setting], shown: list[Setting], estimate_mark: str) -> None:
+    """Above the plot: how estimated energy is drawn, and which settings lack energy or Dice."""
     foot = []
-    if any(s.energy_estimated for s in have):
-        foot.append("hatched = energy includes an estimate (user-given CPU power × time)")
-    lacking = [s.name for s in settings if s not in have]
+    if any(s.energy_estimated for s in shown):
+        foot.append(f"{estimate_mark} = energy includes an estimate (user-given CPU power × time)")
+    lacking = [s.name for s in settings if s not in shown]
     if lacking:
         foot.append("not shown (no energy or Dice): " + ", ".join(lacking))
     if foot:
         fig.text(0.01, 1.0, "\n".join(foot), fontsize=8, va="bottom", ha="left")
-    return _save(fig, out, "dice_per_kj.png"), "Dice per kJ of training energy (hatched: estimated energy)."
 
 
 def pareto_front(points):
@@ -251,14 +256,7 @@ def pareto(settings: list[Setting], out: Path) -> tuple[str, str]:
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.15)
     _legend_below(ax, handles, labels, ncol=1)
-    foot = []
-    if any(s.energy_estimated for s in have):
-        foot.append("hollow = energy includes an estimate (user-given CPU power × time)")
-    lacking = [s.name for s in settings if s not in have]
-    if lacking:
-        foot.append("not shown (no energy or Dice): " + ", ".join(lacking))
-    if foot:
-        fig.text(0.01, 1.0, "\n".join(foot), fontsize=8, va="bottom", ha="left")
+    _energy_footnote(fig, settings, have, "hollow")
     return _save(fig, out, "pareto_dice_energy.png"), ("Dice vs training energy; ringed points form the Pareto "
                                                        "front (lower energy and higher Dice are better).")
 
