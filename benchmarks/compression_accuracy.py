@@ -54,7 +54,8 @@ def train(args, work: Path):
         t0 = time.perf_counter()
         _run(["nnUNetv2_train", 4, "3d_fullres", args.fold, "-tr", TRAINER, "-device", args.device],
              dict(env, nnUNet_green_epochs=str(args.epochs), nnUNet_green_iters=str(args.iters),
-                  nnUNet_green_val_iters=str(args.val_iters), nnUNet_n_proc_DA="0"))
+                  nnUNet_green_val_iters=str(args.val_iters),
+                  nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0")))  # 1 overlaps augmentation
         print(f"trained in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return model, images, task / "labelsTs"
 

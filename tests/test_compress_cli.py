@@ -130,8 +130,9 @@ def test_half_and_overwrite(compressed_full):
     out = compressed_full
     assert not (out / "stale.txt").exists() and leftovers(out) == []
     m = json.loads((out / "compression.json").read_text())
-    assert m["config"] == {"rank_ratio": 1.0, "min_rank": m["config"]["min_rank"], "round_to": m["config"]["round_to"],
-                           "half": True}
+    assert m["config"] == {"rank_ratio": 1.0, "budget": None, "budget_cost": None, "min_rank": m["config"]["min_rank"],
+                           "round_to": m["config"]["round_to"], "half": True}
+    assert m["rank_rule"] == "uniform rank ratio 1"
     assert all(lay["rel_error"] < 1e-3 for lay in m["layers"] if lay["factorized"])
     ck = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     weights = ck["network_weights"]

@@ -368,3 +368,26 @@ def test_explicit_ranks_factorize_exactly_the_named_layers():
     assert isinstance(net[1], TuckerConv) and records[0].reason == "not among the given ranks"
     with pytest.raises(KeyError, match="nope"):
         tucker_(nn.Sequential(nn.Conv3d(16, 32, 3)), TuckerConfig(), ranks={"nope": (8, 8)})
+
+
+def test_budget_config_spends_a_global_budget_per_layer():
+    """TuckerConfig(budget=...) through the one verb: per-layer ranks within the global parameter budget, layers
+    it keeps dense say why, and the MAC budget needs an input shape."""
+    net = plain_unet(3, [32, 64, 128], 3)
+    dense_params = {n: m.weight.numel() + m.bias.numel() for n, m in net.named_modules()
+                    if isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3)
+                    and min(m.in_channels, m.out_channels) >= 8}
+    records = tucker_(net, TuckerConfig(budget=0.2))
+    eligible = [r for r in records if r.name in dense_params]
+    kept = sum(r.params_after for r in eligible) / sum(dense_params.values())
+    assert 0.1 < kept <= 0.2
+    assert len({(r.rank_in, r.rank_out) for r in eligible if r.factorized}) > 1  # not one uniform ratio
+    assert all(r.reason for r in records if not r.factorized)
+    assert not any(r.reason == "not among the given ranks" for r in records)
+    with torch.no_grad():
+        assert torch.isfinite(net(torch.randn(1, 1, 16, 16, 16))).all()
+    with pytest.raises(ValueError, match="input_shape"):
+        tucker_(plain_unet(3, [16, 32], 2), TuckerConfig(budget=0.2, budget_cost="macs"))
+    for bad in (dict(budget=1.0), dict(budget=0.0), dict(budget=0.2, budget_cost="flops")):
+        with pytest.raises(ValueError, match="budget"):
+            TuckerConfig(**bad)

@@ -140,6 +140,55 @@ def test_distill_bad_input(trained_fp32, compressed, images_like, tmp_path, caps
     assert (compressed / "compression.json").read_text() == before  # nothing written on failure
 
 
+def test_compress_cli_budget_and_distill_in_one_command(hippocampus, trained_fp32, tmp_path):
+    """nnunet-green-compress --rank-budget ... --distill IMAGES: budgeted ranks within the budget, distilled before
+    the folder is published, recorded in compression.json, and the stock predictor runs the result."""
+    out = tmp_path / "c" / trained_fp32.parent.name
+    images = hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr"
+    proc = run_cli("nnunet-green-compress", "-i", trained_fp32.parent, "-o", out, "--rank-budget", 0.15,
+                   "--distill", images, "--distill-steps", 2, "-q", env=hippocampus.env())
+    assert "distilled 2 steps" in proc.stdout
+    m = json.loads((out / "compression.json").read_text())
+    assert m["config"]["budget"] == 0.15 and m["config"]["budget_cost"] == "params"
+    assert m["config"]["rank_ratio"] is None and m["rank_rule"].startswith("budgeted")
+    eligible = [lay for lay in m["layers"] if math.prod(lay["kernel_size"]) > 1
+                and min(lay["in_channels"], lay["out_channels"]) >= 8]
+    kept = sum(lay["params_after"] for lay in eligible) / sum(lay["params_before"] for lay in eligible)
+    assert 0.1 < kept <= 0.15 + 1e-9, kept
+    ranks = json.loads((out / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][
+        "arch_kwargs"]["tucker_ranks"]
+    assert ranks == {lay["name"]: [lay["rank_in"], lay["rank_out"]] for lay in m["layers"] if lay["factorized"]}
+    rec = m["recovery"]
+    assert rec["method"] == "distillation" and rec["steps_done"] == 2 and rec["teacher"] == str(trained_fp32.parent)
+    assert rec["energy_source"] in ("unavailable", "rapl", "nvml", "estimate", "nvml+rapl", "nvml+estimate")
+    assert (rec["energy_j"] is None) == (rec["energy_source"] == "unavailable")
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+    pred = tmp_path / "pred"
+    run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", out, "-f", 0,
+            "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1, env=hippocampus.env())
+    assert len(list(pred.glob("*.nii.gz"))) == len(list(hippocampus.test_images.glob("*_0000.nii.gz")))
+
+
+def test_compress_cli_recovery_bad_input(trained_fp32, images_like, tmp_path, capsys):
+    """Bad rule/distillation arguments: one line, exit 2, nothing written."""
+    from nnunet_green.compression.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out" / "model"
+    cases = [(["--rank-ratio", "0.1", "--rank-budget", "0.1"], "not both"),
+             (["--rank-budget", "1.5"], "--rank-budget"),
+             (["--distill-steps", "3"], "needs --distill"),
+             (["--distill", str(empty)], "no images in"),
+             (["--distill", str(images_like([0, 1]))], "expects 1 channel")]
+    for extra, message in cases:
+        code = main(["-i", str(trained_fp32.parent), "-o", str(out), "-q", *extra])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, lines)
+        assert lines[0].startswith("nnunet-green-compress: error: ")
+        assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 2. fine-tuning with labels through the stock nnUNetv2_train / nnUNetv2_predict
 # ------------------------------------------------------------------------------------------------------------------

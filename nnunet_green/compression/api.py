@@ -22,13 +22,18 @@ class TuckerConfig:
     spatial kernel factorized). min_rank / round_to: rank floor and rounding (multiples of round_to where the
     channel count allows). n_iter_max: HOOI sweeps after the SVD init (0 = HOSVD). min_mac_saving: a layer is
     factorized only if it saves at least this fraction of its multiply-adds (ignored at rank_ratio 1.0).
-    gemm_pointwise: also run the 1x1 convs left dense (segmentation heads) as GEMMs (same state dict)."""
+    gemm_pointwise: also run the 1x1 convs left dense (segmentation heads) as GEMMs (same state dict).
+    budget: instead of the same rank_ratio everywhere, choose per-layer ranks so that the factorizable layers keep
+    at most this fraction of their dense `budget_cost` ("params", or "macs" which needs tucker_'s input_shape),
+    spent where the singular-value energy says it buys most (rank_selection.select_ranks; rank_ratio is unused)."""
     rank_ratio: float = 0.12
     min_rank: int = 8
     round_to: int = 8
     n_iter_max: int = 2
     min_mac_saving: float = 0.1
     gemm_pointwise: bool = True
+    budget: float | None = None
+    budget_cost: str = "params"
 
     def __post_init__(self):
         r = self.rank_ratio
@@ -43,6 +48,12 @@ class TuckerConfig:
             raise ValueError(f"n_iter_max must be an integer >= 0; got {self.n_iter_max!r}")
         if math.isnan(self.min_mac_saving) or not 0.0 <= self.min_mac_saving < 1.0:
             raise ValueError(f"min_mac_saving must satisfy 0 <= min_mac_saving < 1; got {self.min_mac_saving!r}")
+        b = self.budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b)
+                              or not 0.0 < b < 1.0):
+            raise ValueError(f"budget must be a fraction 0 < budget < 1 of the dense cost kept; got {b!r}")
+        if self.budget_cost not in ("params", "macs"):
+            raise ValueError(f"budget_cost must be 'params' or 'macs'; got {self.budget_cost!r}")
 
 
 @dataclass
@@ -178,10 +189,22 @@ def tucker_(model: nn.Module, config: TuckerConfig = TuckerConfig(),
     filter_fn(module, canonical_name) -> False leaves a layer dense. With `input_shape` (full shape incl. batch)
     the records get measured per-layer multiply-adds (fake-tensor forward, no compute). `ranks` (canonical name ->
     (r_in, r_out), e.g. from rank_selection) replaces the uniform rule: exactly those layers are factorized.
+    With `config.budget` (and no `ranks`) the ranks come from rank_selection.select_ranks at that budget.
     """
     if not isinstance(config, TuckerConfig):
         raise TypeError(f"config must be a TuckerConfig, got {type(config).__name__}")
     from .macs import mac_breakdown
+
+    left_dense: dict[str, str] = {}
+    if ranks is None and config.budget is not None:
+        from .rank_selection import select_ranks
+
+        selection = select_ranks(model, config.budget, config.budget_cost, input_shape=input_shape,
+                                 min_rank=config.min_rank, round_to=config.round_to)
+        ranks = selection.ranks
+        left_dense = {**selection.skipped, **{c.name: f"kept dense: the {config.budget_cost} budget buys more "
+                                              "accuracy here than a factorization" for c in selection.layers
+                                              if c.rank_in is None}}
 
     macs_before = mac_breakdown(model, input_shape) if input_shape is not None else None
     aliases = conv_aliases(model)
@@ -194,7 +217,9 @@ def tucker_(model: nn.Module, config: TuckerConfig = TuckerConfig(),
     items = list(aliases.items())
     if progress:
         from tqdm import tqdm
-        items = tqdm(items, desc=f"tucker rank_ratio={config.rank_ratio}", unit="layer")
+        rule = f"budget={config.budget} ({config.budget_cost})" if config.budget is not None else \
+            f"rank_ratio={config.rank_ratio}"
+        items = tqdm(items, desc=f"tucker {rule}", unit="layer")
     with _one_thread():
         for key, names in items:
             conv, name = modules[key], names[0]
@@ -206,6 +231,7 @@ def tucker_(model: nn.Module, config: TuckerConfig = TuckerConfig(),
                 rec.reason = "excluded by filter_fn"
             else:
                 r_in, r_out, rec.reason = plan_layer(conv, config) if ranks is None else _given_ranks(conv, name, ranks)
+                rec.reason = left_dense.get(name, rec.reason) if rec.reason else None
                 if rec.reason is None:
                     t0 = time.perf_counter()
                     first, core, last, err = decompose_conv_weight(conv.weight, r_in, r_out,

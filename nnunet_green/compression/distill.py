@@ -405,7 +405,8 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
               "patches_per_image": cfg.patches_per_image, "seed": cfg.seed, "device": str(device), "folds": folds}
     keys = ("loss_before", "loss_after", "heldout_rel_error_before", "heldout_rel_error_after",
             "heldout_agreement_before", "heldout_agreement_after", "train_loss_first", "train_loss_last",
-            "steps_done", "heldout", "heldout_images", "train_images", "seconds", "preprocess_s", "cached_images")
+            "steps_done", "heldout", "heldout_images", "train_images", "seconds", "preprocess_s", "cached_images",
+            "energy_j", "energy_source", "co2eq_g")
     for k in keys:  # one fold: plain values; several: {fold_X: value} (like compression.json's rel_error)
         vals = {fk: r[k] for fk, r in per_fold.items()}
         record[k] = next(iter(vals.values())) if len(vals) == 1 else vals
@@ -422,7 +423,12 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
 
 def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: DistillSettings, device, checkpoint: str,
                  progress: bool, label: str) -> dict:
+    from nnunet_green.metering.carbon import carbon_setting
+    from nnunet_green.metering.energy import EnergyMeter
+
     t0 = time.perf_counter()
+    meter = EnergyMeter(device)  # the same counters as the green trainers: recovery cost next to training cost
+    energy_start = meter.read()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     ids = [c for c, _ in cases]
@@ -502,6 +508,10 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
     ck["network_weights"] = s_net.state_dict()
     _atomic_write_bytes(ck_path, lambda p: torch.save(ck, p))
     t_net.to("cpu")
+    parts = [None if a is None or b is None else a - b for a, b in zip(meter.read(), energy_start)]
+    energy_j = None if parts == [None, None] else sum(x for x in parts if x is not None)
+    energy_source = meter.source
+    meter.close()
 
     return {"loss_before": before["loss"], "loss_after": after["loss"],
             "heldout_rel_error_before": before["rel_error"], "heldout_rel_error_after": after["rel_error"],
@@ -512,4 +522,5 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
             "steps_done": steps_done, "nonfinite_steps": nonfinite,
             "heldout": "images" if held else "patches of the training image (only one image given)",
             "heldout_images": held, "train_images": len(train), "seconds": round(time.perf_counter() - t0, 2),
+            "energy_j": energy_j, "energy_source": energy_source, "co2eq_g": carbon_setting().co2eq_g(energy_j),
             "preprocess_s": round(cache.preprocess_s, 2), "cached_images": len(cache.cached)}

@@ -177,22 +177,24 @@ def _min_input_shape(configuration_manager, floor: int = 16) -> list[int]:
 
 def compress_model_folder(src, dst, config=None, folds=None, checkpoint: str = "checkpoint_final.pth",
                           configuration: str | None = None, half: bool = False, overwrite: bool = False,
-                          progress: bool = False, verify: bool = True) -> dict:
+                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> dict:
     """Write a compressed copy of the model folder `src` to `dst` and return its manifest (also written as
     `dst/compression.json`). `config` is a `TuckerConfig` (default: TuckerConfig()). Nothing is written to `src`;
-    `dst` appears only when everything succeeded (written next to it, then renamed)."""
+    `dst` appears only when everything succeeded (written next to it, then renamed). `distill`: keyword arguments
+    of `distill.distill_model_folder` (at least `images`) to recover accuracy before the folder is published."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     _check_src_dst(src, dst, overwrite)
     if not is_model_folder(src):
         raise CompressionError(f"{src} is not an nnU-Net model folder: no plans.json")
     with _Publisher(dst, overwrite) as tmp:
-        manifest = _compress_into(src, tmp, config, folds, checkpoint, configuration, half, progress, verify)
+        manifest = _compress_into(src, tmp, config, folds, checkpoint, configuration, half, progress, verify,
+                                  distill)
     return manifest
 
 
 def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = "checkpoint_final.pth",
                           configuration: str | None = None, half: bool = False, overwrite: bool = False,
-                          progress: bool = False, verify: bool = True) -> list[dict]:
+                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> list[dict]:
     """Compress every model folder below a weights root (TotalSegmentator's `.../nnunet/results` or an nnU-Net
     results folder) into the same relative layout under `dst`; returns the manifests."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
@@ -207,7 +209,7 @@ def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = "
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 manifests.append(_compress_into(folder, target, config, folds, checkpoint, configuration, half,
-                                                progress, verify))
+                                                progress, verify, distill))
             except CompressionError as e:
                 raise CompressionError(f"{folder.relative_to(src)}: {e}") from None
     return manifests
@@ -290,7 +292,7 @@ class _Publisher:
 
 
 def _compress_into(src: Path, out: Path, config, folds, checkpoint: str, configuration: str | None, half: bool,
-                   progress: bool, verify: bool) -> dict:
+                   progress: bool, verify: bool, distill: dict | None = None) -> dict:
     from nnunet_green.compression import TuckerConfig, count_macs, tucker_
     from nnunet_green.compression.network import NETWORK_CLASS_NAME, factorized_architecture
 
@@ -303,6 +305,13 @@ def _compress_into(src: Path, out: Path, config, folds, checkpoint: str, configu
            and c["architecture"].get("network_class_name") == NETWORK_CLASS_NAME
            for c in plans.get("configurations", {}).values()):
         raise CompressionError(f"{src} is already compressed (plans.json names {NETWORK_CLASS_NAME})")
+    if distill is not None:  # bad images fail here, before minutes of decomposition
+        from nnunet_green.compression.distill import DistillError, channel_names, find_cases
+        try:
+            names = channel_names(dataset_json)
+            find_cases(Path(distill["images"]), dataset_json.get("file_ending", ".nii.gz"), len(names), names)
+        except DistillError as e:
+            raise CompressionError(f"--distill: {e}") from None
 
     # folds and checkpoints
     present = available_folds(src, checkpoint)
@@ -374,8 +383,10 @@ def _compress_into(src: Path, out: Path, config, folds, checkpoint: str, configu
             macs_before = int(count_macs(net, macs_shape))
         net.eval()
         t0 = time.perf_counter()
+        # budgeted ranks are chosen on the first fold's weights and shared: one plans.json holds one architecture
+        shared = None if ranks is None or config.budget is None else {k: tuple(v) for k, v in ranks.items()}
         try:
-            records = tucker_(net, config, progress=progress, input_shape=macs_shape)
+            records = tucker_(net, config, progress=progress, input_shape=macs_shape, ranks=shared)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CompressionError(f"fold_{f}: cannot factorize: {e}") from None
         decomposition_s += time.perf_counter() - t0
@@ -392,7 +403,7 @@ def _compress_into(src: Path, out: Path, config, folds, checkpoint: str, configu
         states[f] = net.state_dict()
         del net
     if not ranks:
-        raise CompressionError(f"{src}: no layer was factorized at rank ratio {config.rank_ratio}")
+        raise CompressionError(f"{src}: no layer was factorized at {_rule(config)}")
 
     # plans.json: trained configuration in new format, resolved, naming our builder
     new_conf = copy.deepcopy(conf_manager.configuration)
@@ -430,8 +441,10 @@ def _compress_into(src: Path, out: Path, config, folds, checkpoint: str, configu
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": str(src),
                    "checkpoints": {f"fold_{f}/{checkpoint}": sha256(src / f"fold_{f}" / checkpoint) for f in folds}},
-        "config": {"rank_ratio": config.rank_ratio, "min_rank": config.min_rank, "round_to": config.round_to,
-                   "half": bool(half)},
+        "config": {"rank_ratio": None if config.budget is not None else config.rank_ratio,
+                   "budget": config.budget, "budget_cost": config.budget_cost if config.budget is not None else None,
+                   "min_rank": config.min_rank, "round_to": config.round_to, "half": bool(half)},
+        "rank_rule": _rule(config),
         "configuration": conf,
         "patch_size": patch,
         "folds": folds,
@@ -445,7 +458,20 @@ def _compress_into(src: Path, out: Path, config, folds, checkpoint: str, configu
         "verification": verification,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+    if distill is not None:
+        from nnunet_green.compression.distill import DistillError, distill_model_folder
+        try:
+            manifest["recovery"] = distill_model_folder(out, teacher=src, **distill)
+        except DistillError as e:
+            raise CompressionError(f"distillation: {e}") from None
     return manifest
+
+
+def _rule(config) -> str:
+    if config.budget is not None:
+        return (f"budgeted ranks: {config.budget:g} of the factorizable layers' {config.budget_cost} "
+                "(singular-value energy, greedy; ranks chosen on the first fold)")
+    return f"uniform rank ratio {config.rank_ratio:g}"
 
 
 def _n_params(model: nn.Module) -> int:
