@@ -1,22 +1,28 @@
-"""Accuracy recovery evidence: zero-shot vs distilled (vs fine-tuned) compressed models, uniform vs budgeted ranks.
+"""Accuracy recovery evidence: zero-shot vs distilled vs fine-tuned compressed models, uniform vs budgeted ranks.
 
-For each rank ratio: compress the dense model with the uniform ratio; build a budgeted-rank copy at the SAME
-parameter budget (same fraction of the factorizable layers' parameters, rank_selection.select_ranks); distil a copy
-of each on unlabelled images; optionally fine-tune (nnUNetTrainerTuckerFinetune through the stock nnUNetv2_train,
-needs nnUNet_raw/preprocessed/results of the dataset in the environment). All variants are predicted on held-out
-images with the stock predictor and scored by nnunet-green-bench's functions: agreement Dice vs the dense model and
-Dice vs labels. Writes OUT/recovery.json and OUT/recovery.md.
+For each rank ratio: compress the dense model with the uniform ratio (`--rank-ratio`), and with budgeted per-layer
+ranks at the SAME parameter budget (`--rank-budget` = the fraction of the factorizable layers' parameters the
+uniform model kept). Where asked (`--distill-ratios`, `--finetune-ratios`), recover a copy of each: label-free
+distillation on unlabelled images (nnunet-green-distill's function) and labelled fine-tuning with
+nnUNetTrainerTuckerFinetune through the stock nnUNetv2_train. Every variant is predicted on held-out images with
+the stock predictor and scored by nnunet-green-bench's functions: agreement Dice with the dense model and Dice vs
+labels. The cost of each recovery (time, energy where a counter is readable) is put next to the dense model's
+training cost (its green_summary.json). Writes OUT/recovery.json and OUT/recovery.md.
 
-example (Hippocampus, CPU, small):
-  python benchmarks/recovery.py --model $nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres \\
-      --distill-images $nnUNet_raw/Dataset004_Hippocampus/imagesTr --images imagesTs --labels labelsTs \\
-      --ratios 0.12 --steps 50 -o bench_out
+Whole run from the MSD Hippocampus folder (trains the dense model with the real nnU-Net CLIs, or reuses it):
+  python benchmarks/recovery.py --data ../shared/data/Task04_Hippocampus --n-train 60 --n-test 20 \\
+      --epochs 12 --iters 75 --ratios 0.05 0.12 0.25 0.5 --distill-ratios 0.12 --finetune-ratios 0.12 -o bench_out
+
+With a model of your own (fine-tuning then needs nnUNet_raw/preprocessed/results of its dataset set):
+  python benchmarks/recovery.py --model MODEL_FOLDER --images imagesTs --labels labelsTs \\
+      --distill-images unlabelled/ --ratios 0.12 -o bench_out
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import datetime as _dt
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,102 +30,84 @@ import sys
 import time
 from pathlib import Path
 
-
-def budgeted_copy(uniform: Path, dense: Path, out: Path, fold: str) -> dict:
-    """Copy of the uniform compressed folder whose factorized layers get budgeted ranks at the same parameter
-    budget: re-decomposes the dense weights, rewrites plans.json's tucker_ranks, the checkpoint and the manifest."""
-    import torch
-
-    from nnunet_green.compression.network import build_dense_from_plans
-    from nnunet_green.compression.rank_selection import apply_ranks_, select_ranks
-
-    manifest = json.loads((uniform / "compression.json").read_text())
-    conf = manifest["configuration"]
-    dense_plans = json.loads((dense / "plans.json").read_text())
-    dataset_json = json.loads((dense / "dataset.json").read_text())
-    net = build_dense_from_plans(dense_plans, conf, dataset_json)
-    net.load_state_dict(torch.load(dense / f"fold_{fold}" / manifest["checkpoint"], map_location="cpu",
-                                   weights_only=False)["network_weights"])
-    net.eval()
-    probe = select_ranks(net, 0.5)  # eligible layers and their dense parameter counts
-    eligible = {c.name: c.dense_cost for c in probe.layers}
-    uni = {r["name"]: r for r in manifest["layers"] if r["name"] in eligible}
-    budget = sum(r["params_after"] for r in uni.values()) / sum(eligible.values())
-    uniform_err2 = sum((r["rel_error"] or 0.0) ** 2 for r in uni.values())  # before the layers are rewritten
-    sel = select_ranks(net, budget, cost="params")
-    errors = apply_ranks_(net, sel.ranks)
-
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(uniform, out)
-    plans = json.loads((out / "plans.json").read_text())
-    plans["configurations"][conf]["architecture"]["arch_kwargs"]["tucker_ranks"] = {
-        k: [int(a), int(b)] for k, (a, b) in sel.ranks.items()}
-    (out / "plans.json").write_text(json.dumps(plans, indent=4))
-    ck_path = out / f"fold_{fold}" / manifest["checkpoint"]
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-    ck["network_weights"] = net.state_dict()
-    torch.save(ck, ck_path)
-    manifest["folds"] = [fold]
-    manifest["rank_selection"] = {"rule": "budgeted (singular-value energy, greedy)", "cost": "params",
-                                  "budget": budget, "kept_fraction": sel.kept_fraction,
-                                  "dense_layers": [c.name for c in sel.layers if c.rank_in is None]}
-    for layer in manifest["layers"]:
-        name = layer["name"]
-        if name in sel.ranks:
-            layer.update(rank_in=sel.ranks[name][0], rank_out=sel.ranks[name][1], factorized=True,
-                         rel_error=errors[name])
-        elif name in eligible:
-            layer.update(rank_in=None, rank_out=None, factorized=False, rel_error=0.0, reason="budgeted: dense")
-    manifest["totals"]["params_after"] = sum(p.numel() for p in net.parameters())
-    (out / "compression.json").write_text(json.dumps(manifest, indent=2))
-    return {"budget": budget, "kept_fraction": sel.kept_fraction, "sum_rel_err2": sum(e * e for e in errors.values()),
-            "uniform_sum_rel_err2": uniform_err2, "n_dense": len(eligible) - len(sel.ranks)}
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def finetune(compressed: Path, dataset: str, configuration: str, fold: str, epochs: int, iters: int, device: str,
-             label: str) -> tuple[Path, float]:
-    """nnUNetv2_train with nnUNetTrainerTuckerFinetune; returns (model folder, seconds). The results folder of the
-    trainer is moved aside per variant (one trainer name, several variants)."""
+def equal_param_budget(manifest: dict, min_rank: int = 8) -> float:
+    """Fraction of the factorizable layers' parameters (spatial kernel, both channel counts >= min_rank: the layers
+    the budgeted rule may factorize) that a uniform compression kept."""
+    eligible = [lay for lay in manifest["layers"] if math.prod(lay["kernel_size"]) > 1
+                and min(lay["in_channels"], lay["out_channels"]) >= min_rank]
+    return sum(lay["params_after"] for lay in eligible) / sum(lay["params_before"] for lay in eligible)
+
+
+def training_cost(fold_folder: Path) -> dict:
+    """Time and energy of a metered (green) training run, from its green_summary.json."""
+    path = fold_folder / "green_summary.json"
+    if not path.is_file():
+        return {"seconds": None, "energy_j": None, "energy_source": None}
+    t = json.loads(path.read_text())["totals"]
+    seconds = (t.get("time_s") or 0.0) + (t.get("final_validation_s") or 0.0)
+    return {"seconds": round(seconds, 1), "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source")}
+
+
+def finetune(compressed: Path, dataset: str, configuration: str, fold: str, epochs: int, iters: int, lr: float | None,
+             device: str, target: Path) -> dict:
+    """nnUNetv2_train -tr nnUNetTrainerTuckerFinetune starting from `compressed`; the result folder is moved to
+    `target` (one trainer name, several variants). Returns its cost."""
     env = dict(os.environ, nnUNet_green_finetune_from=str(compressed), nnUNet_green_epochs=str(epochs),
                nnUNet_green_iters=str(iters), nnUNet_green_val_iters="1", nnUNet_compile="f")
+    if lr is not None:
+        env["nnUNet_green_finetune_lr"] = str(lr)
+    env.setdefault("nnUNet_n_proc_DA", "0")
     exe = Path(sys.executable).parent / "nnUNetv2_train"
-    t0 = time.perf_counter()
+    print(f"+ fine-tune {compressed.name}: {epochs} x {iters} iterations", file=sys.stderr, flush=True)
     proc = subprocess.run([str(exe), dataset, configuration, fold, "-tr", "nnUNetTrainerTuckerFinetune", "-device",
                            device], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"fine-tuning failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"fine-tuning {compressed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     results = Path(os.environ["nnUNet_results"])
     folder = next(results.glob(f"Dataset*/nnUNetTrainerTuckerFinetune__*__{configuration}"))
-    target = compressed.parent / f"{label}-finetuned"
     if target.exists():
         shutil.rmtree(target)
     shutil.move(str(folder), target)
-    return target, seconds
+    return {"recovery": "fine-tuned", **training_cost(target / f"fold_{fold}"),
+            "settings": f"{epochs} epochs x {iters} iterations, AdamW lr {lr or 1e-4}"}
 
 
 def main(argv=None) -> int:
+    data = Path(os.environ.get("NNUNET_GREEN_DATA", REPO.parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="dense nnU-Net model folder")
-    p.add_argument("--images", required=True, help="held-out images (CASE_0000.nii.gz) to predict and score")
-    p.add_argument("--labels", required=True, help="labels of --images (CASE.nii.gz)")
-    p.add_argument("--distill-images", required=True,
-                   help="unlabelled images for distillation (must not be --images, or the comparison is not held out)")
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.12], help="uniform rank ratios (default 0.12)")
+    src = p.add_argument_group("dense model: train one (--data) or give one (--model)")
+    src.add_argument("--data", type=Path, default=None, help="MSD task folder; trains nnUNetTrainerGreenFP32 on a subset")
+    src.add_argument("--work", type=Path, default=REPO / "work" / "recovery_hippocampus", help="nnU-Net folders for --data")
+    src.add_argument("--n-train", type=int, default=60)
+    src.add_argument("--n-test", type=int, default=20)
+    src.add_argument("--epochs", type=int, default=12, help="dense training epochs (with --data)")
+    src.add_argument("--iters", type=int, default=75, help="dense training iterations per epoch (with --data)")
+    src.add_argument("--model", type=Path, default=None, help="dense nnU-Net model folder")
+    src.add_argument("--images", type=Path, default=None, help="held-out images (CASE_0000.nii.gz) to score")
+    src.add_argument("--labels", type=Path, default=None, help="labels of --images (CASE.nii.gz)")
+    src.add_argument("--distill-images", type=Path, default=None,
+                     help="unlabelled images to distil on (not --images: the comparison must stay held out)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.12, 0.25, 0.5],
+                   help="uniform rank ratios; budgeted variants use the same parameter budget")
     p.add_argument("--modes", nargs="+", choices=("uniform", "budgeted"), default=["uniform", "budgeted"])
-    p.add_argument("--steps", type=int, default=100, help="distillation steps")
-    p.add_argument("--lr", type=float, default=1e-4, help="distillation lr")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--finetune", action="store_true",
-                   help="also fine-tune with labels (needs nnUNet_raw/preprocessed/results set for the dataset)")
-    p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--finetune-iters", type=int, default=10)
-    p.add_argument("--dataset", default=None, help="dataset id/name for --finetune (default: from the model path)")
+    p.add_argument("--distill-ratios", nargs="*", type=float, default=None,
+                   help="ratios whose variants are distilled (default: all)")
+    p.add_argument("--finetune-ratios", nargs="*", type=float, default=[],
+                   help="ratios whose variants are fine-tuned with labels (default: none)")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="distillation lr")
+    p.add_argument("--batch-size", type=int, default=2, help="distillation batch size")
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--finetune-iters", type=int, default=75)
+    p.add_argument("--finetune-lr", type=float, default=None, help="default: the trainer's (1e-4)")
     p.add_argument("-f", "--fold", default="0")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--disable-tta", action="store_true", help="predict without mirroring (8x faster on CPU)")
-    p.add_argument("-o", "--output", default="bench_out")
+    p.add_argument("--tta", action="store_true", help="predict with mirroring (8x slower on CPU)")
+    p.add_argument("-o", "--output", type=Path, default=REPO / "bench_out")
     args = p.parse_args(argv)
 
     from nnunet_green.compression import TuckerConfig
@@ -127,75 +115,118 @@ def main(argv=None) -> int:
     from nnunet_green.compression.distill import distill_model_folder
     from nnunet_green.compression.model_folder import compress_model_folder
 
-    for what in ("model", "images", "labels", "distill_images"):  # fail before minutes of work, not after
-        if not Path(getattr(args, what)).is_dir():
-            p.error(f"--{what.replace('_', '-')} folder not found: {getattr(args, what)}")
-    dense = Path(args.model).absolute()
-    out = Path(args.output).absolute()
-    work = out / "recovery_models"
-    work.mkdir(parents=True, exist_ok=True)
+    if args.data is not None:
+        import compression_accuracy
+
+        if not args.data.is_dir():
+            p.error(f"--data folder not found: {args.data}")
+        work = args.work.absolute()
+        ns = argparse.Namespace(data=args.data.absolute(), n_train=args.n_train, n_test=args.n_test,
+                                epochs=args.epochs, iters=args.iters, val_iters=2, fold=args.fold, device=args.device)
+        dense, images, labels = compression_accuracy.train(ns, work)
+        distill_images = args.distill_images or work / "raw" / "Dataset004_Hippocampus" / "imagesTr"
+        os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
+                          nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1")
+    else:
+        if None in (args.model, args.images, args.labels, args.distill_images):
+            p.error("give --data, or --model with --images, --labels and --distill-images")
+        dense, images, labels, distill_images = args.model, args.images, args.labels, args.distill_images
+    for what, folder in (("model", dense), ("images", images), ("labels", labels), ("distill-images", distill_images)):
+        if not Path(folder).is_dir():
+            p.error(f"--{what} folder not found: {folder}")  # before minutes of work, not after
+    if args.finetune_ratios and not os.environ.get("nnUNet_results"):
+        p.error("--finetune-ratios needs nnUNet_raw/nnUNet_preprocessed/nnUNet_results of the dataset (or --data)")
+    dense = Path(dense).absolute()
+    out = args.output.absolute()
+    models = out / "recovery_models"
+    models.mkdir(parents=True, exist_ok=True)
     conf = dense.name.split("__")[-1]
-    dataset = args.dataset or dense.parent.name
-    variants, rows = [], []
+    dataset = dense.parent.name
+    distill_ratios = args.ratios if args.distill_ratios is None else args.distill_ratios
+    dense_cost = training_cost(dense / f"fold_{args.fold}")
+
+    variants = []  # (folder, row)
     for ratio in args.ratios:
-        uniform = work / f"r{ratio:g}-uniform"
-        if uniform.exists():
-            shutil.rmtree(uniform)
-        t0 = time.perf_counter()
-        compress_model_folder(dense, uniform, TuckerConfig(rank_ratio=ratio), folds=[args.fold])
-        compress_s = time.perf_counter() - t0
-        bases = {}
-        if "uniform" in args.modes:
-            bases["uniform"] = (uniform, {"compress_s": round(compress_s, 2)})
+        uniform_dir = models / f"r{ratio:g}-uniform"
+        compress_model_folder(dense, uniform_dir, TuckerConfig(rank_ratio=ratio), folds=[args.fold], overwrite=True)
+        budget = equal_param_budget(json.loads((uniform_dir / "compression.json").read_text()))
+        bases = {"uniform": uniform_dir}
         if "budgeted" in args.modes:
-            t0 = time.perf_counter()
-            info = budgeted_copy(uniform, dense, work / f"r{ratio:g}-budgeted", args.fold)
-            info["compress_s"] = round(compress_s + time.perf_counter() - t0, 2)
-            bases["budgeted"] = (work / f"r{ratio:g}-budgeted", info)
-        for mode, (folder, info) in bases.items():
-            label = f"r{ratio:g}-{mode}"
-            variants.append((folder, dict(ratio=ratio, ranks=mode, recovery="zero-shot", recovery_s=0.0, **info)))
-            dist = work / f"{label}-distilled"
-            if dist.exists():
-                shutil.rmtree(dist)
-            shutil.copytree(folder, dist)
-            rec = distill_model_folder(dist, args.distill_images, steps=args.steps, lr=args.lr,
-                                       batch_size=args.batch_size, device=args.device, folds=[args.fold], seed=0)
-            variants.append((dist, dict(ratio=ratio, ranks=mode, recovery="distilled", recovery_s=rec["seconds"],
-                                        heldout_rel_error=[rec["heldout_rel_error_before"],
-                                                           rec["heldout_rel_error_after"]], **info)))
-            if args.finetune:
-                ft, seconds = finetune(folder, dataset, conf, args.fold, args.finetune_epochs, args.finetune_iters,
-                                       args.device, label)
-                variants.append((ft, dict(ratio=ratio, ranks=mode, recovery="fine-tuned", recovery_s=round(seconds, 1),
-                                          **info)))
+            bases["budgeted"] = models / f"r{ratio:g}-budgeted"
+            compress_model_folder(dense, bases["budgeted"], TuckerConfig(budget=budget), folds=[args.fold],
+                                  overwrite=True)
         if "uniform" not in args.modes:
-            shutil.rmtree(uniform)
+            del bases["uniform"]
+        for mode, folder in bases.items():
+            m = json.loads((folder / "compression.json").read_text())
+            base = {"ratio": ratio, "ranks": mode, "budget": round(budget, 4),
+                    "compress_s": m["totals"]["decomposition_s"]}
+            variants.append((folder, {**base, "recovery": "zero-shot", "seconds": 0.0, "energy_j": None,
+                                      "energy_source": None, "settings": ""}))
+            if ratio in distill_ratios:
+                target = models / f"{folder.name}-distilled"
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(folder, target)
+                print(f"+ distil {folder.name}: {args.steps} steps", file=sys.stderr, flush=True)
+                rec = distill_model_folder(target, distill_images, steps=args.steps, lr=args.lr,
+                                           batch_size=args.batch_size, device=args.device, folds=[args.fold], seed=0)
+                variants.append((target, {**base, "recovery": "distilled", "seconds": rec["seconds"],
+                                          "energy_j": rec["energy_j"], "energy_source": rec["energy_source"],
+                                          "settings": f"{rec['steps_done']} steps x {args.batch_size} patches, "
+                                                      f"AdamW lr {args.lr}",
+                                          "heldout_rel_error": [rec["heldout_rel_error_before"],
+                                                                rec["heldout_rel_error_after"]]}))
+            if ratio in args.finetune_ratios:
+                cost = finetune(folder, dataset, conf, args.fold, args.finetune_epochs, args.finetune_iters,
+                                args.finetune_lr, args.device, models / f"{folder.name}-finetuned")
+                variants.append((models / f"{folder.name}-finetuned", {**base, **cost}))
 
     result = bench([dense] + [v[0] for v in variants], out / "recovery_bench", device=args.device, repeats=1,
-                   warmup=0, images=args.images, labels=args.labels, fold=args.fold,
-                   disable_tta=args.disable_tta)
+                   warmup=0, images=images, labels=labels, fold=args.fold, disable_tta=not args.tta)
     ref = result["models"][0]
-    for (folder, meta), row in zip(variants, result["models"][1:]):
-        rows.append({**meta, "folder": str(folder), "params": row["params"], "macs": row["macs"],
-                     "agreement_dice": row["agreement_dice"], "dice_vs_labels": row["dice_vs_labels"]})
-    summary = {"dense": {"folder": str(dense), "params": ref["params"], "macs": ref["macs"],
-                         "dice_vs_labels": ref["dice_vs_labels"]},
-               "images": str(Path(args.images).absolute()), "distill_images": str(Path(args.distill_images).absolute()),
-               "steps": args.steps, "lr": args.lr, "device": args.device, "tta": not args.disable_tta,
-               "command": " ".join(sys.argv), "variants": rows}
+    rows = [{**meta, "folder": str(folder), "params": row["params"], "macs": row["macs"],
+             "agreement_dice": row["agreement_dice"], "dice_vs_labels": row["dice_vs_labels"]}
+            for (folder, meta), row in zip(variants, result["models"][1:])]
+    summary = {"format": "nnunet-green-recovery/1",
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+               "machine": result["machine"], "device": args.device, "tta": args.tta,
+               "dense": {"folder": str(dense), "params": ref["params"], "macs": ref["macs"],
+                         "dice_vs_labels": ref["dice_vs_labels"], "training": dense_cost,
+                         "n_cases_scored": ref.get("n_cases")},
+               "images": str(Path(images).absolute()), "distill_images": str(Path(distill_images).absolute()),
+               "variants": rows}
     (out / "recovery.json").write_text(json.dumps(summary, indent=2))
-    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = ["# Accuracy recovery", "", f"Dense: `{dense}` — {ref['params']:,} params, Dice vs labels "
-             f"{fmt(ref['dice_vs_labels'])}", "",
-             "| ratio | ranks | recovery | params | agreement Dice | Dice vs labels | recovery s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['ratio']:g} | {r['ranks']} | {r['recovery']} | {r['params']:,} | "
-                     f"{fmt(r['agreement_dice'])} | {fmt(r['dice_vs_labels'])} | {r['recovery_s']} |")
-    (out / "recovery.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "recovery.md").write_text(markdown(summary))
+    print(markdown(summary))
     return 0
+
+
+def markdown(s: dict) -> str:
+    f = lambda v, spec=".4f": "–" if v is None else format(v, spec)  # noqa: E731
+    d = s["dense"]
+    kj = lambda r: "–" if r.get("energy_j") is None else f"{r['energy_j'] / 1e3:.1f} ({r['energy_source']})"  # noqa
+    lines = ["# Accuracy recovery of Tucker-compressed models", "",
+             f"Command: `{s['command']}`  ", f"Machine: {s['machine']['cpu']}, {s['machine']['cpu_count']} CPUs, "
+             f"GPU {s['machine']['gpu'] or 'none'}, device {s['device']}, torch {s['machine']['torch']}; "
+             f"test-time mirroring {'on' if s['tta'] else 'off'}; {f(d.get('n_cases_scored'), 'd')} held-out cases.",
+             "",
+             f"Dense: {d['params']:,} params, Dice vs labels {f(d['dice_vs_labels'])}; training cost "
+             f"{f(d['training']['seconds'], '.0f')} s, energy kJ {kj(d['training'])}.", "",
+             "| ratio | ranks | recovery | params | agreement Dice | Dice vs labels | Δ Dice vs dense | recovery s "
+             "| recovery / dense training time | energy kJ | settings |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    train_s = d["training"]["seconds"]
+    for r in s["variants"]:
+        delta = None if r["dice_vs_labels"] is None or d["dice_vs_labels"] is None else \
+            r["dice_vs_labels"] - d["dice_vs_labels"]
+        share = None if not train_s or not r["seconds"] else r["seconds"] / train_s
+        lines.append(f"| {r['ratio']:g} | {r['ranks']} | {r['recovery']} | {r['params']:,} "
+                     f"({r['params'] / d['params']:.1%}) | {f(r['agreement_dice'])} | {f(r['dice_vs_labels'])} "
+                     f"| {f(delta, '+.4f')} | {f(r['seconds'], '.0f')} | {f(share, '.2f')} | {kj(r)} "
+                     f"| {r['settings']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def test_distill_bad_input(trained_fp32, compressed, images_like, tmp_path, caps
         "channels": ((compressed, "--images", images_like([0, 1])), "expects 1 channel"),
         "teacher": ((compressed, "--images", ok_images, "--teacher", tmp_path / "nope"), "teacher (dense) model"),
         "teacher compressed": ((compressed, "--images", ok_images, "--teacher", compressed), "itself a compressed"),
+        "patch size": ((compressed, "--images", ok_images, "--patch-size", "30", "30", "30"), "total stride"),
     }
     before = (compressed / "compression.json").read_text()
     for what, (args, message) in cases.items():

@@ -8,9 +8,7 @@ of a smaller PlainConvUNet (fewer features/stages, same format and 118 outputs) 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -20,47 +18,10 @@ from conftest import TOTALSEG_EXAMPLE, requires, run_cli
 
 pytest.importorskip("totalsegmentator")
 
-TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
-MODEL_FOLDER = "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"
+from nnunet_green.demo.totalseg import (MODEL_FOLDER, TASK_FOLDER, build_network, offline_env,  # noqa: E402
+                                        ts_dataset_json, ts_old_format_plans, write_model_folder)
+
 CT = TOTALSEG_EXAMPLE / "example_ct_sm.nii.gz"
-
-
-def ts_old_format_plans(base_features=8, max_features=32, n_stages=3, patch=(32, 64, 64)) -> dict:
-    """nnU-Net <= 2.1 plans as TotalSegmentator v2 ships them (no `architecture`; UNet_* keys)."""
-    conf = {
-        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": list(patch), "median_image_size_in_voxels": [160.0, 119.0, 119.0], "spacing": [3.0, 3.0, 3.0],
-        "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-        "UNet_class_name": "PlainConvUNet", "UNet_base_num_features": base_features,
-        "n_conv_per_stage_encoder": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
-        "num_pool_per_axis": [n_stages - 1] * 3,
-        "pool_op_kernel_sizes": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
-        "conv_kernel_sizes": [[3, 3, 3]] * n_stages, "unet_max_num_features": max_features,
-        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-        "batch_dice": False,
-    }
-    return {
-        "dataset_name": TASK_FOLDER, "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [3.0, 3.0, 3.0],
-        "original_median_shape_after_transp": [160, 119, 119], "image_reader_writer": "NibabelIOWithReorient",
-        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-        "configurations": {"3d_fullres": conf},
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {
-            "max": 3071.0, "mean": 102.5, "median": 80.0, "min": -1024.0, "percentile_00_5": -958.0,
-            "percentile_99_5": 1481.0, "std": 268.6}},
-    }
-
-
-def ts_dataset_json() -> dict:
-    from totalsegmentator.map_to_binary import class_map
-
-    labels = {"background": 0, **{name: int(i) for i, name in class_map["total"].items()}}
-    return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1559, "file_ending": ".nii.gz"}
 
 
 @torch.no_grad()
@@ -79,42 +40,17 @@ def project_to_low_rank_(net, rank):
 
 
 def build_ts_weights_root(root, seed=0, low_rank=8):
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     plans, dataset = ts_old_format_plans(), ts_dataset_json()
-    folder = root / TASK_FOLDER / MODEL_FOLDER
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=4))
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the old-format notice
-        cm = PlansManager(json.loads(json.dumps(plans))).get_configuration("3d_fullres")
     torch.manual_seed(seed)
-    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                 cm.network_arch_init_kwargs_req_import, 1, len(dataset["labels"]),
-                                 deep_supervision=False)
+    net = build_network(plans, dataset)
     if low_rank:
         project_to_low_rank_(net, low_rank)
-    torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-                "logging": {}, "_best_ema": None, "current_epoch": 4000,
-                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
-                              "device": "cpu"},
-                "trainer_name": "nnUNetTrainer_4000epochs_NoMirroring", "inference_allowed_mirroring_axes": None},
-               folder / "fold_0" / "checkpoint_final.pth")
+    write_model_folder(root, plans, dataset, net.state_dict())
     return root
 
 
 def run_totalsegmentator(weights, home, out_file):
-    home.mkdir(parents=True, exist_ok=True)
-    # offline: TS reads these keys from config.json; without send_usage_stats=false it posts usage statistics
-    (home / "config.json").write_text(json.dumps({"totalseg_id": "totalseg_nnunet_green_test",
-                                                  "send_usage_stats": False, "prediction_counter": 0,
-                                                  "statistics_disclaimer_shown": True}))
-    env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), TOTALSEG_WEIGHTS_PATH=str(weights), OMP_NUM_THREADS="2",
-               nnUNet_compile="f")
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        env.pop(k, None)
+    env = dict(offline_env(weights, home), OMP_NUM_THREADS="2")
     return run_cli("TotalSegmentator", "-i", CT, "-o", out_file, "--fast", "--ml", "-d", "cpu", "-nr", 1, "-ns", 1,
                    env=env, timeout=600)
 

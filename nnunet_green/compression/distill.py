@@ -269,6 +269,7 @@ class DistillSettings:
     heldout_patches: int = 8
     max_cache_mb: float = 2048.0
     max_minutes: float | None = None
+    patch_size: list[int] | None = None  # default: the plans' patch size; smaller bounds memory and time per step
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -402,7 +403,8 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
               "images_dir": str(Path(images).absolute()), "steps": cfg.steps, "lr": cfg.lr,
               "weight_decay": cfg.weight_decay, "optimizer": "AdamW", "loss": cfg.loss,
               "temperature": cfg.temperature if cfg.loss == "kl" else None, "batch_size": cfg.batch_size,
-              "patches_per_image": cfg.patches_per_image, "seed": cfg.seed, "device": str(device), "folds": folds}
+              "patches_per_image": cfg.patches_per_image, "patch_size": cfg.patch_size, "seed": cfg.seed,
+            "device": str(device), "folds": folds}
     keys = ("loss_before", "loss_after", "heldout_rel_error_before", "heldout_rel_error_after",
             "heldout_agreement_before", "heldout_agreement_after", "train_loss_first", "train_loss_last",
             "steps_done", "heldout", "heldout_images", "train_images", "seconds", "preprocess_s", "cached_images",
@@ -421,6 +423,23 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
     return record
 
 
+def training_patch(configuration_manager, requested) -> list[int]:
+    """The plans' patch size, or a smaller one the U-Net accepts (a multiple of its total stride on every axis)."""
+    plans_patch = list(configuration_manager.patch_size)
+    if requested is None:
+        return plans_patch
+    stride = [1] * len(plans_patch)
+    for s in configuration_manager.pool_op_kernel_sizes:
+        s = [s] * len(plans_patch) if isinstance(s, int) else s
+        stride = [a * int(b) for a, b in zip(stride, s)]
+    requested = [int(v) for v in requested]
+    if len(requested) != len(plans_patch) or any(not 0 < r <= p or r % t for r, p, t in
+                                                 zip(requested, plans_patch, stride)):
+        raise DistillError(f"patch size {requested} must have {len(plans_patch)} sizes, each a multiple of the "
+                           f"network's total stride {stride} and at most the plans' patch size {plans_patch}")
+    return requested
+
+
 def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: DistillSettings, device, checkpoint: str,
                  progress: bool, label: str) -> dict:
     from nnunet_green.metering.carbon import carbon_setting
@@ -437,7 +456,7 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
     held = sorted(ids[i] for i in order[:n_hold])
     train = sorted(ids[i] for i in order[n_hold:])
     cache = CaseCache(cases, student, int(cfg.max_cache_mb * 2 ** 20))
-    patch = list(student.configuration_manager.patch_size)
+    patch = training_patch(student.configuration_manager, cfg.patch_size)
     mirror = student.mirror_axes
 
     # held-out patches: fixed, from images never trained on (or, with one image, from that image)

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for preprocessed images; images beyond it are re-preprocessed on each visit "
                         "(default 2048)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (per fold)")
+    p.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="N",
+                   help="training patch size (default: the plans' patch size); smaller patches bound memory and "
+                        "time per step; each size a multiple of the network's total stride")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to distil (default: all compressed folds)")
     p.add_argument("--seed", type=int, default=0)
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
             patches_per_image=args.patches_per_image, device=args.device, folds=args.folds, teacher=args.teacher,
             seed=args.seed, progress=not args.quiet, weight_decay=args.weight_decay, loss=args.loss,
             temperature=args.temperature, heldout_fraction=args.heldout_fraction,
-            heldout_patches=args.heldout_patches, max_cache_mb=args.max_cache_mb, max_minutes=args.max_minutes)
+            heldout_patches=args.heldout_patches, max_cache_mb=args.max_cache_mb, max_minutes=args.max_minutes,
+            patch_size=args.patch_size)
     except DistillError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
