@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--distill-steps", type=int, default=150)
     p.add_argument("--distill-patch", type=int, nargs=3, default=[64, 64, 64])
     p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-minutes", type=float, default=None, help="stop each distillation after this long")
     args = p.parse_args(argv)
 
     from recovery import equal_param_budget
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
         recovery[mode] = distill_model_folder(target / totalseg.TASK_FOLDER / totalseg.MODEL_FOLDER, images,
                                               steps=args.distill_steps, lr=args.distill_lr,
                                               patch_size=args.distill_patch, batch_size=2, seed=0,
-                                              teacher=dense_folder)
+                                              teacher=dense_folder, max_minutes=args.distill_minutes)
         roots[f"{mode}-distilled"] = target
 
     rows = []
@@ -193,15 +194,12 @@ def main(argv=None) -> int:
                                                   "heldout_rel_error_before", "heldout_rel_error_after")}
         rows.append(row)
 
-    import platform
-    import torch as _t
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    from nnunet_green.compression.bench_cli import _machine
+
     result = {"format": "nnunet-green-recovery-totalsegmentator/1",
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["benchmarks/recovery_totalsegmentator.py", *sys.argv[1:]]),
-              "machine": {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": _t.__version__,
-                          "gpu": _t.cuda.get_device_name(0) if _t.cuda.is_available() else None},
+              "machine": _machine(torch.device("cpu")),
               "fit": fitted, "ratio": args.ratio, "budget": budget, "rows": rows}
     out = args.output.absolute()
     out.mkdir(parents=True, exist_ok=True)
