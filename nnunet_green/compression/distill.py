@@ -404,7 +404,7 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
               "weight_decay": cfg.weight_decay, "optimizer": "AdamW", "loss": cfg.loss,
               "temperature": cfg.temperature if cfg.loss == "kl" else None, "batch_size": cfg.batch_size,
               "patches_per_image": cfg.patches_per_image, "patch_size": cfg.patch_size, "seed": cfg.seed,
-            "device": str(device), "folds": folds}
+              "device": str(device), "folds": folds}
     keys = ("loss_before", "loss_after", "heldout_rel_error_before", "heldout_rel_error_after",
             "heldout_agreement_before", "heldout_agreement_after", "train_loss_first", "train_loss_last",
             "steps_done", "heldout", "heldout_images", "train_images", "seconds", "preprocess_s", "cached_images",
