@@ -367,3 +367,24 @@ def test_python_api_matches_manifest_schema(compressed):
             "reason"} <= set(lay)
     assert all(isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
                for v in m["totals"].values())
+
+
+def test_budgeted_ranks_are_shared_across_folds(dense, tmp_path):
+    """--rank-budget with two folds: ranks are chosen on the first fold and used for both (one plans.json), each
+    fold decomposed from its own weights."""
+    from nnunet_green.compression import TuckerConfig
+    from nnunet_green.compression.model_folder import compress_model_folder
+
+    src = copy_model(dense, tmp_path / "src" / FOLDER)
+    ck = torch.load(src / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    ck["network_weights"] = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point()
+                             and v.numel() > 1 else v for k, v in ck["network_weights"].items()}
+    (src / "fold_1").mkdir()
+    torch.save(ck, src / "fold_1" / "checkpoint_final.pth")
+    m = compress_model_folder(src, tmp_path / "out" / FOLDER, TuckerConfig(budget=0.15))
+    assert m["folds"] == ["0", "1"] and m["config"]["budget"] == 0.15
+    factorized = [lay for lay in m["layers"] if lay["factorized"]]
+    assert factorized and all(set(lay["rel_error"]) == {"fold_0", "fold_1"} for lay in factorized)
+    assert any(lay["rel_error"]["fold_0"] != lay["rel_error"]["fold_1"] for lay in factorized)
+    assert set(m["verification"]["forward_rel_diff"]) == {"fold_0", "fold_1"}  # both strict-load the one plans
