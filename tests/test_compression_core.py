@@ -391,3 +391,19 @@ def test_budget_config_spends_a_global_budget_per_layer():
     for bad in (dict(budget=1.0), dict(budget=0.0), dict(budget=0.2, budget_cost="flops")):
         with pytest.raises(ValueError, match="budget"):
             TuckerConfig(**bad)
+
+
+def test_verification_input_reaches_the_bottleneck_with_more_than_one_voxel():
+    """The strict-load check runs one small forward: for TotalSegmentator's 5/6-stage networks (total stride 16/32)
+    a 16^3 input would reach 1^3 at the bottleneck, where InstanceNorm raises."""
+    from types import SimpleNamespace
+
+    from nnunet_green.compression.model_folder import _min_input_shape
+
+    for n_pool, patch, expected in ((5, [128, 128, 128], [64, 64, 64]), (4, [112, 112, 128], [32, 32, 32]),
+                                    (2, [40, 56, 40], [16, 16, 16]), (4, [16, 112, 128], [16, 32, 32])):
+        cm = SimpleNamespace(patch_size=patch, pool_op_kernel_sizes=[[1, 1, 1]] + [[2, 2, 2]] * n_pool)
+        assert _min_input_shape(cm) == expected
+    net = plain_unet(3, [8, 16, 16, 16, 16], 3).eval()  # total stride 16
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)

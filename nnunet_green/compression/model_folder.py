@@ -162,13 +162,15 @@ def _check_convs(model: nn.Module, where: str):
 
 
 def _min_input_shape(configuration_manager, floor: int = 16) -> list[int]:
-    """Smallest cheap input the U-Net accepts (a multiple of the total stride per axis), capped at the patch size."""
+    """Smallest cheap input the U-Net accepts, capped at the patch size: a multiple of the total stride per axis
+    that leaves at least 2 voxels per axis at the bottleneck (InstanceNorm refuses a single voxel; a 16^3 input
+    reaches 1^3 in TotalSegmentator's 5- and 6-stage networks)."""
     patch = list(configuration_manager.patch_size)
     total = [1] * len(patch)
     for s in configuration_manager.pool_op_kernel_sizes:
         s = [s] * len(patch) if isinstance(s, int) else s
         total = [t * int(x) for t, x in zip(total, s)]
-    return [min(p, t * max(1, math.ceil(floor / t))) for p, t in zip(patch, total)]
+    return [min(p, t * max(2, math.ceil(floor / t))) for p, t in zip(patch, total)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
