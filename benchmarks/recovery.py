@@ -2,7 +2,7 @@
 
 For each rank ratio: compress the dense model with the uniform ratio (`--rank-ratio`), and with budgeted per-layer
 ranks at the SAME parameter budget (`--rank-budget` = the fraction of the factorizable layers' parameters the
-uniform model kept). Where asked (`--distill-ratios`, `--finetune-ratios`), recover a copy of each: label-free
+uniform model kept; or, with --modes budgeted-macs, the same multiply-add budget). Where asked (`--distill-ratios`, `--finetune-ratios`), recover a copy of each: label-free
 distillation on unlabelled images (nnunet-green-distill's function) and labelled fine-tuning with
 nnUNetTrainerTuckerFinetune through the stock nnUNetv2_train. Every variant is predicted on held-out images with
 the stock predictor and scored by nnunet-green-bench's functions: agreement Dice with the dense model and Dice vs
@@ -31,15 +31,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MODES = ("uniform", "budgeted", "budgeted-macs")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def equal_param_budget(manifest: dict, min_rank: int = 8) -> float:
-    """Fraction of the factorizable layers' parameters (spatial kernel, both channel counts >= min_rank: the layers
-    the budgeted rule may factorize) that a uniform compression kept."""
+def equal_budget(manifest: dict, cost: str = "params", min_rank: int = 8) -> float:
+    """Fraction of the factorizable layers' parameters or multiply-adds (spatial kernel, both channel counts >=
+    min_rank: the layers the budgeted rule may factorize) that a uniform compression kept."""
     eligible = [lay for lay in manifest["layers"] if math.prod(lay["kernel_size"]) > 1
                 and min(lay["in_channels"], lay["out_channels"]) >= min_rank]
-    return sum(lay["params_after"] for lay in eligible) / sum(lay["params_before"] for lay in eligible)
+    return sum(lay[f"{cost}_after"] for lay in eligible) / sum(lay[f"{cost}_before"] for lay in eligible)
 
 
 def training_cost(fold_folder: Path) -> dict:
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
                      help="unlabelled images to distil on (not --images: the comparison must stay held out)")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.12, 0.25, 0.5],
                    help="uniform rank ratios; budgeted variants use the same parameter budget")
-    p.add_argument("--modes", nargs="+", choices=("uniform", "budgeted"), default=["uniform", "budgeted"])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["uniform", "budgeted"],
+                   help="budgeted: same parameter budget as the uniform ratio; budgeted-macs: same multiply-add budget")
     p.add_argument("--distill-ratios", nargs="*", type=float, default=None,
                    help="ratios whose variants are distilled (default: all)")
     p.add_argument("--finetune-ratios", nargs="*", type=float, default=[],
@@ -149,17 +151,19 @@ def main(argv=None) -> int:
     for ratio in args.ratios:
         uniform_dir = models / f"r{ratio:g}-uniform"
         compress_model_folder(dense, uniform_dir, TuckerConfig(rank_ratio=ratio), folds=[args.fold], overwrite=True)
-        budget = equal_param_budget(json.loads((uniform_dir / "compression.json").read_text()))
-        bases = {"uniform": uniform_dir}
-        if "budgeted" in args.modes:
-            bases["budgeted"] = models / f"r{ratio:g}-budgeted"
-            compress_model_folder(dense, bases["budgeted"], TuckerConfig(budget=budget), folds=[args.fold],
-                                  overwrite=True)
+        uniform = json.loads((uniform_dir / "compression.json").read_text())
+        bases, budgets = {"uniform": uniform_dir}, {"uniform": None}
+        for mode, cost in (("budgeted", "params"), ("budgeted-macs", "macs")):
+            if mode in args.modes:
+                budgets[mode] = equal_budget(uniform, cost)
+                bases[mode] = models / f"r{ratio:g}-{mode}"
+                compress_model_folder(dense, bases[mode], TuckerConfig(budget=budgets[mode], budget_cost=cost),
+                                      folds=[args.fold], overwrite=True)
         if "uniform" not in args.modes:
             del bases["uniform"]
         for mode, folder in bases.items():
             m = json.loads((folder / "compression.json").read_text())
-            base = {"ratio": ratio, "ranks": mode, "budget": round(budget, 4),
+            base = {"ratio": ratio, "ranks": mode, "budget": budgets[mode] and round(budgets[mode], 4),
                     "compress_s": m["totals"]["decomposition_s"]}
             variants.append((folder, {**base, "recovery": "zero-shot", "seconds": 0.0, "energy_j": None,
                                       "energy_source": None, "settings": ""}))
@@ -214,16 +218,19 @@ def markdown(s: dict) -> str:
              "",
              f"Dense: {d['params']:,} params, Dice vs labels {f(d['dice_vs_labels'])}; training cost "
              f"{f(d['training']['seconds'], '.0f')} s, energy kJ {kj(d['training'])}.", "",
-             "| ratio | ranks | recovery | params | agreement Dice | Dice vs labels | Δ Dice vs dense | recovery s "
-             "| recovery / dense training time | energy kJ | settings |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ranks: `uniform` = `--rank-ratio`; `budgeted` = `--rank-budget` at the uniform model's parameter "
+             "fraction; `budgeted-macs` = `--rank-budget --budget-cost macs` at its multiply-add fraction.", "",
+             "| ratio | ranks | recovery | params | MACs kept | agreement Dice | Dice vs labels | Δ Dice vs dense "
+             "| recovery s | recovery / dense training time | energy kJ | settings |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     train_s = d["training"]["seconds"]
     for r in s["variants"]:
         delta = None if r["dice_vs_labels"] is None or d["dice_vs_labels"] is None else \
             r["dice_vs_labels"] - d["dice_vs_labels"]
         share = None if not train_s or not r["seconds"] else r["seconds"] / train_s
         lines.append(f"| {r['ratio']:g} | {r['ranks']} | {r['recovery']} | {r['params']:,} "
-                     f"({r['params'] / d['params']:.1%}) | {f(r['agreement_dice'])} | {f(r['dice_vs_labels'])} "
+                     f"({r['params'] / d['params']:.1%}) | {r['macs'] / d['macs']:.1%} | {f(r['agreement_dice'])} "
+                     f"| {f(r['dice_vs_labels'])} "
                      f"| {f(delta, '+.4f')} | {f(r['seconds'], '.0f')} | {f(share, '.2f')} | {kj(r)} "
                      f"| {r['settings']} |")
     return "\n".join(lines) + "\n"

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--distill-minutes", type=float, default=None, help="stop each distillation after this long")
     args = p.parse_args(argv)
 
-    from recovery import equal_param_budget
+    from recovery import equal_budget
 
     from nnunet_green.compression import TuckerConfig
     from nnunet_green.compression.distill import distill_model_folder
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                                 overwrite=True)[0]
     roots["uniform"] = work / "uniform"
     n_params = man["totals"]["params_before"]
-    budget = equal_param_budget(man)
+    budget = equal_budget(man)
     compress_weights_root(work / "dense", work / "budgeted", TuckerConfig(budget=budget), overwrite=True)
     roots["budgeted"] = work / "budgeted"
     recovery = {}
