@@ -101,6 +101,25 @@ def test_distillation_reduces_heldout_error(hippocampus, compressed, tmp_path):
     assert not [p.name for p in folder.rglob(".*tmp*")]
 
 
+def test_distillation_keeps_the_starting_weights_when_training_only_hurts(hippocampus, compressed, tmp_path):
+    """A far too large lr throws the student away from the teacher; the held-out checks keep the best weights, here
+    the decomposition it started from, so the saved model is never worse than the compressed one."""
+    from nnunet_green.compression.distill import distill_model_folder
+
+    folder = tmp_path / "student"
+    shutil.copytree(compressed, folder)
+    before = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    rec = distill_model_folder(folder, hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr", steps=2, lr=1.0,
+                               batch_size=1, patches_per_image=1, heldout_patches=2, eval_every=1, seed=0,
+                               progress=False)
+    assert rec["steps_done"] == 2 and rec["kept_step"] == 0
+    assert [h["step"] for h in rec["heldout_history"]] == [0, 1, 2]
+    assert all(h["loss"] > rec["heldout_history"][0]["loss"] for h in rec["heldout_history"][1:])
+    assert rec["heldout_rel_error_after"] == pytest.approx(rec["heldout_rel_error_before"], rel=1e-5)
+    after = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.fixture()
 def images_like(hippocampus, tmp_path):
     """Build an images folder from the first test image: make(channels=[0, 1]) -> folder."""

@@ -267,6 +267,7 @@ class DistillSettings:
     temperature: float = 2.0
     heldout_fraction: float = 0.2
     heldout_patches: int = 8
+    eval_every: int | None = None  # held-out check every N steps (default: 5 checks per run); the best is kept
     max_cache_mb: float = 2048.0
     max_minutes: float | None = None
     patch_size: list[int] | None = None  # default: the plans' patch size; smaller bounds memory and time per step
@@ -278,6 +279,8 @@ class DistillSettings:
             raise DistillError(f"steps must be an integer >= 0, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise DistillError(f"lr must be a positive number, got {self.lr!r}")
+        if self.eval_every is not None and (int(self.eval_every) != self.eval_every or self.eval_every < 1):
+            raise DistillError(f"eval_every must be an integer >= 1, got {self.eval_every!r}")
         for name in ("batch_size", "patches_per_image", "heldout_patches"):
             v = getattr(self, name)
             if int(v) != v or v < 1:
@@ -407,7 +410,8 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
               "device": str(device), "folds": folds}
     keys = ("loss_before", "loss_after", "heldout_rel_error_before", "heldout_rel_error_after",
             "heldout_agreement_before", "heldout_agreement_after", "train_loss_first", "train_loss_last",
-            "steps_done", "heldout", "heldout_images", "train_images", "seconds", "preprocess_s", "cached_images",
+            "steps_done", "kept_step", "heldout_history", "heldout", "heldout_images", "train_images", "seconds",
+            "preprocess_s", "cached_images",
             "energy_j", "energy_source", "co2eq_g")
     for k in keys:  # one fold: plain values; several: {fold_X: value} (like compression.json's rel_error)
         vals = {fk: r[k] for fk, r in per_fold.items()}
@@ -421,6 +425,17 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
     manifest["recovery"] = record
     _atomic_write_bytes(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
     return record
+
+
+def _copy_state(net: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _check_heldout(s_net, t_net, patches, device, cfg: DistillSettings, step: int, best: dict, history: list):
+    ev = evaluate(s_net, t_net, patches, device, cfg.batch_size, cfg.loss, cfg.temperature)
+    history.append({"step": step, "loss": ev["loss"], "rel_error": ev["rel_error"]})
+    if ev["loss"] < best["loss"]:
+        best.update(step=step, loss=ev["loss"], state=_copy_state(s_net))
 
 
 def training_patch(configuration_manager, requested) -> list[int]:
@@ -491,6 +506,11 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
         bar = tqdm(total=cfg.steps, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
     steps_done = 0
     nonfinite = 0
+    # keep the weights that do best on the held-out patches, the starting point included: distillation must never
+    # hand back a model further from the teacher than the decomposition it started from (too large an lr does that)
+    eval_every = cfg.eval_every or max(1, cfg.steps // 5)
+    best = {"step": 0, "loss": before["loss"], "state": _copy_state(s_net)}
+    history = [{"step": 0, "loss": before["loss"], "rel_error": before["rel_error"]}]
     try:
         for step in range(cfg.steps):
             if deadline is not None and time.perf_counter() > deadline:
@@ -514,9 +534,15 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4g}", cached=f"{len(cache.cached)}/{len(train)}")
+            if steps_done % eval_every == 0 or steps_done == cfg.steps:
+                _check_heldout(s_net, t_net, eval_patches, device, cfg, steps_done, best, history)
     finally:
         if bar is not None:
             bar.close()
+    if history[-1]["step"] != steps_done:  # stopped early by --max-minutes
+        _check_heldout(s_net, t_net, eval_patches, device, cfg, steps_done, best, history)
+    if best["step"] != steps_done:
+        s_net.load_state_dict(best["state"])
     after = evaluate(s_net, t_net, eval_patches, device, cfg.batch_size, cfg.loss, cfg.temperature)
     k = max(1, min(10, len(losses) // 2))  # running means over the first/last k steps
 
@@ -538,7 +564,8 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
             "heldout_agreement_after": after["argmax_agreement"],
             "train_loss_first": float(np.mean(losses[:k])) if losses else None,
             "train_loss_last": float(np.mean(losses[-k:])) if losses else None,
-            "steps_done": steps_done, "nonfinite_steps": nonfinite,
+            "steps_done": steps_done, "nonfinite_steps": nonfinite, "kept_step": best["step"],
+            "heldout_history": history,
             "heldout": "images" if held else "patches of the training image (only one image given)",
             "heldout_images": held, "train_images": len(train), "seconds": round(time.perf_counter() - t0, 2),
             "energy_j": energy_j, "energy_source": energy_source, "co2eq_g": carbon_setting().co2eq_g(energy_j),

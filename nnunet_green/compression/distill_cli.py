@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the images (at least one, if there are two or more) kept out of training to "
                         "measure the error before/after (default 0.2)")
     p.add_argument("--heldout-patches", type=int, default=8, help="held-out patches evaluated (default 8)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="check the held-out patches every N steps and keep the best weights, the starting ones "
+                        "included (default: 5 checks per run)")
     p.add_argument("--max-cache-mb", type=float, default=2048,
                    help="memory for preprocessed images; images beyond it are re-preprocessed on each visit "
                         "(default 2048)")
@@ -76,12 +79,12 @@ def main(argv=None) -> int:
             seed=args.seed, progress=not args.quiet, weight_decay=args.weight_decay, loss=args.loss,
             temperature=args.temperature, heldout_fraction=args.heldout_fraction,
             heldout_patches=args.heldout_patches, max_cache_mb=args.max_cache_mb, max_minutes=args.max_minutes,
-            patch_size=args.patch_size)
+            patch_size=args.patch_size, eval_every=args.eval_every)
     except DistillError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    keys = ("images", "steps_done", "heldout_rel_error_before", "heldout_rel_error_after", "heldout_agreement_before",
-            "heldout_agreement_after", "seconds_total", "device")
+    keys = ("images", "steps_done", "kept_step", "heldout_rel_error_before", "heldout_rel_error_after",
+            "heldout_agreement_before", "heldout_agreement_after", "seconds_total", "device")
     print(json.dumps({k: rec.get(k) for k in keys}, indent=2))
     return 0
 
