@@ -112,7 +112,7 @@ def test_distillation_keeps_the_starting_weights_when_training_only_hurts(hippoc
     rec = distill_model_folder(folder, hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr", steps=2, lr=1.0,
                                batch_size=1, patches_per_image=1, heldout_patches=2, eval_every=1, seed=0,
                                progress=False)
-    assert rec["steps_done"] == 2 and rec["kept_step"] == 0
+    assert rec["steps_done"] == 2 and rec["kept_step"] == 0 and rec["eval_every"] == 1
     assert [h["step"] for h in rec["heldout_history"]] == [0, 1, 2]
     assert all(h["loss"] > rec["heldout_history"][0]["loss"] for h in rec["heldout_history"][1:])
     assert rec["heldout_rel_error_after"] == pytest.approx(rec["heldout_rel_error_before"], rel=1e-5)

@@ -274,6 +274,10 @@ class DistillSettings:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def checks_every(self) -> int:
+        return self.eval_every or max(1, self.steps // 5)
+
     def check(self):
         if int(self.steps) != self.steps or self.steps < 0:
             raise DistillError(f"steps must be an integer >= 0, got {self.steps!r}")
@@ -406,8 +410,8 @@ def distill_model_folder(folder, images, steps: int = 200, lr: float = 1e-4, bat
               "images_dir": str(Path(images).absolute()), "steps": cfg.steps, "lr": cfg.lr,
               "weight_decay": cfg.weight_decay, "optimizer": "AdamW", "loss": cfg.loss,
               "temperature": cfg.temperature if cfg.loss == "kl" else None, "batch_size": cfg.batch_size,
-              "patches_per_image": cfg.patches_per_image, "patch_size": cfg.patch_size, "seed": cfg.seed,
-              "device": str(device), "folds": folds}
+              "patches_per_image": cfg.patches_per_image, "patch_size": cfg.patch_size, "eval_every": cfg.checks_every,
+              "seed": cfg.seed, "device": str(device), "folds": folds}
     keys = ("loss_before", "loss_after", "heldout_rel_error_before", "heldout_rel_error_after",
             "heldout_agreement_before", "heldout_agreement_after", "train_loss_first", "train_loss_last",
             "steps_done", "kept_step", "heldout_history", "heldout", "heldout_images", "train_images", "seconds",
@@ -508,7 +512,7 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
     nonfinite = 0
     # keep the weights that do best on the held-out patches, the starting point included: distillation must never
     # hand back a model further from the teacher than the decomposition it started from (too large an lr does that)
-    eval_every = cfg.eval_every or max(1, cfg.steps // 5)
+    eval_every = cfg.checks_every
     best = {"step": 0, "loss": before["loss"], "state": _copy_state(s_net)}
     history = [{"step": 0, "loss": before["loss"], "rel_error": before["rel_error"]}]
     try:
