@@ -27,12 +27,16 @@ bench: install
 	$(PY) benchmarks/compression_accuracy.py --out bench_out
 
 # Accuracy recovery evidence (docs/results/recovery.md): trains a dense Hippocampus model, then compresses, distils,
-# fine-tunes and scores; then the TotalSegmentator-shaped model. About 1.5 h on a 2-core CPU.
+# fine-tunes and scores (also at an equal multiply-add budget); then the TotalSegmentator-shaped model.
+# About 3.5 h on a 2-core CPU.
 bench-recovery: install
 	nnUNet_n_proc_DA=1 $(PY) benchmarks/recovery.py --data $(NNUNET_GREEN_DATA)/Task04_Hippocampus --n-train 60 --n-test 20 \
 	    --epochs 12 --iters 75 --ratios 0.05 0.12 0.25 0.5 --distill-ratios 0.12 --finetune-ratios 0.12 \
-	    --steps 300 --lr 1e-3 -o bench_out
-	$(PY) benchmarks/recovery_totalsegmentator.py -o bench_out
+	    --finetune-epochs 3 --finetune-iters 50 --steps 300 --lr 1e-3 -o bench_out
+	$(PY) benchmarks/recovery.py --data $(NNUNET_GREEN_DATA)/Task04_Hippocampus --n-train 60 --n-test 20 \
+	    --ratios 0.05 0.12 0.25 0.5 --modes uniform budgeted-macs --distill-ratios --finetune-ratios -o bench_out/recovery_macs
+	$(PY) benchmarks/recovery_totalsegmentator.py --fit-steps 400 --fit-minutes 30 \
+	    --distill-steps 300 --distill-minutes 10 -o bench_out
 
 demo: install
 	$(PY) -m nnunet_green.demo --out demo_out $(if $(DATA),--data $(DATA),)

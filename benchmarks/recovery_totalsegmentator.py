@@ -205,8 +205,9 @@ def main(argv=None) -> int:
                 row[f"{case}_vs_dense"] = agreement(seg, work / "seg" / f"dense_{case}.nii.gz")
         rec = recovery.get(name.replace("-distilled", "")) if name.endswith("distilled") else None
         if rec:
-            row["distill"] = {k: rec[k] for k in ("steps_done", "seconds", "energy_j", "energy_source",
-                                                  "heldout_rel_error_before", "heldout_rel_error_after")}
+            row["distill"] = {k: rec[k] for k in ("steps_done", "kept_step", "seconds", "energy_j",
+                                                  "energy_source", "heldout_rel_error_before",
+                                                  "heldout_rel_error_after")}
         rows.append(row)
 
     from nnunet_green.compression.bench_cli import _machine
@@ -244,7 +245,8 @@ def markdown(r: dict) -> str:
         cell = lambda k: "–" if k not in row else \
             f"{f(row[k]['mean_dice'])} ({f(row[k]['voxel_agreement'])})"  # noqa: E731
         d = row.get("distill")
-        dist = "–" if not d else (f"{d['steps_done']} steps, {d['seconds']:.0f} s, held-out rel. logit error "
+        dist = "–" if not d else (f"{d['steps_done']} steps (kept step {d.get('kept_step', '?')}), "
+                                  f"{d['seconds']:.0f} s, held-out rel. logit error "
                                   f"{d['heldout_rel_error_before']:.3f} -> {d['heldout_rel_error_after']:.3f}")
         lines.append(f"| {row['model']} | {row['params']:,} | {cell('example_ct_vs_dense')} "
                      f"| {cell('example_ct_sm_vs_dense')} | {cell('example_ct_vs_ts_reference')} "
