@@ -438,8 +438,8 @@ def _copy_state(net: nn.Module) -> dict:
 def _check_heldout(s_net, t_net, patches, device, cfg: DistillSettings, step: int, best: dict, history: list):
     ev = evaluate(s_net, t_net, patches, device, cfg.batch_size, cfg.loss, cfg.temperature)
     history.append({"step": step, "loss": ev["loss"], "rel_error": ev["rel_error"]})
-    if ev["loss"] < best["loss"]:
-        best.update(step=step, loss=ev["loss"], state=_copy_state(s_net))
+    if ev["loss"] < best["eval"]["loss"]:
+        best.update(step=step, eval=ev, state=_copy_state(s_net))
 
 
 def training_patch(configuration_manager, requested) -> list[int]:
@@ -513,7 +513,7 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
     # keep the weights that do best on the held-out patches, the starting point included: distillation must never
     # hand back a model further from the teacher than the decomposition it started from (too large an lr does that)
     eval_every = cfg.checks_every
-    best = {"step": 0, "loss": before["loss"], "state": _copy_state(s_net)}
+    best = {"step": 0, "eval": before, "state": _copy_state(s_net)}
     history = [{"step": 0, "loss": before["loss"], "rel_error": before["rel_error"]}]
     try:
         for step in range(cfg.steps):
@@ -547,7 +547,7 @@ def _distill_one(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
         _check_heldout(s_net, t_net, eval_patches, device, cfg, steps_done, best, history)
     if best["step"] != steps_done:
         s_net.load_state_dict(best["state"])
-    after = evaluate(s_net, t_net, eval_patches, device, cfg.batch_size, cfg.loss, cfg.temperature)
+    after = best["eval"]  # the check of the weights being saved: no need to evaluate them again
     k = max(1, min(10, len(losses) // 2))  # running means over the first/last k steps
 
     # save: the original checkpoint with the new weights, in the dtype the folder stored (--half stays half)
