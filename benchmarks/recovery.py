@@ -2,12 +2,13 @@
 
 For each rank ratio: compress the dense model with the uniform ratio (`--rank-ratio`), and with budgeted per-layer
 ranks at the SAME parameter budget (`--rank-budget` = the fraction of the factorizable layers' parameters the
-uniform model kept; or, with --modes budgeted-macs, the same multiply-add budget). Where asked (`--distill-ratios`, `--finetune-ratios`), recover a copy of each: label-free
-distillation on unlabelled images (nnunet-green-distill's function) and labelled fine-tuning with
-nnUNetTrainerTuckerFinetune through the stock nnUNetv2_train. Every variant is predicted on held-out images with
-the stock predictor and scored by nnunet-green-bench's functions: agreement Dice with the dense model and Dice vs
-labels. The cost of each recovery (time, energy where a counter is readable) is put next to the dense model's
-training cost (its green_summary.json). Writes OUT/recovery.json and OUT/recovery.md.
+uniform model kept; or, with --modes budgeted-macs, the same multiply-add budget). Where asked (`--distill-ratios`,
+`--finetune-ratios`), recover a copy of each: label-free distillation on unlabelled images (nnunet-green-distill's
+function) and labelled fine-tuning with nnUNetTrainerTuckerFinetune through the stock nnUNetv2_train. Every variant
+is predicted on held-out images with the stock predictor and scored by nnunet-green-bench's functions: agreement
+Dice with the dense model and Dice vs labels. The cost of each recovery (time, energy where a counter is readable)
+is put next to the dense model's training cost (its green_summary.json). Writes OUT/recovery.json and
+OUT/recovery.md.
 
 Whole run from the MSD Hippocampus folder (trains the dense model with the real nnU-Net CLIs, or reuses it):
   python benchmarks/recovery.py --data ../shared/data/Task04_Hippocampus --n-train 60 --n-test 20 \\
