@@ -1,30 +1,10 @@
-"""Metadata lives in setup.cfg. This file only ships `nnunet_green.pth`.
+"""Metadata lives in setup.cfg; this file only lists the packages.
 
-The .pth file makes the stock nnU-Net CLIs find the green trainers with no manual step: at interpreter start it
-imports `nnunet_green.trainers`, which appends its own folder to `nnUNet_extTrainer` (see docs/design.md).
-setuptools has no declarative way to put a .pth into site-packages, for wheels nor for editable installs.
+Automatic discovery (`find_packages`) picks up every package below `nnunet_green/`, so new subpackages need no
+edit here. `nnunet_green.trainers` is the one package it cannot see: its folder is the repo's `trainers/`
+(mapped in setup.cfg's `package_dir`), the folder nnU-Net scans for trainers (see docs/design.md).
+`nnunet_green.pth` is added to the wheels by the build backend in `_build_backend/`, not here.
 """
-import os
-import shutil
+from setuptools import find_packages, setup
 
-from setuptools import setup
-from setuptools.command.build_py import build_py
-from setuptools.command.editable_wheel import editable_wheel
-
-PTH = "nnunet_green.pth"
-
-
-class build_py_with_pth(build_py):
-    def run(self):
-        super().run()
-        self.copy_file(PTH, os.path.join(self.build_lib, PTH), preserve_mode=0)
-
-
-class editable_wheel_with_pth(editable_wheel):
-    def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
-        result = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
-        shutil.copy(PTH, os.path.join(unpacked_wheel, PTH))
-        return result
-
-
-setup(cmdclass={"build_py": build_py_with_pth, "editable_wheel": editable_wheel_with_pth})
+setup(packages=find_packages(include=["nnunet_green", "nnunet_green.*"]) + ["nnunet_green.trainers"])
