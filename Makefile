@@ -10,8 +10,9 @@ export NNUNET_GREEN_DATA
 install: $(VENV)/.installed
 
 # torch/torchvision first and pinned: this pair imports cleanly with nnU-Net's timm/torchvision chain
-# (see docs/design.md). The editable install also places nnunet_green.pth so the stock CLIs find the trainers.
-$(VENV)/.installed: setup.cfg setup.py pyproject.toml
+# (see docs/design.md). The editable install also places nnunet_green.pth (added to the editable wheel by the
+# in-tree build backend, _build_backend/) so the stock CLIs find the trainers.
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml nnunet_green.pth _build_backend/nnunet_green_build.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
