@@ -34,6 +34,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PTH = "nnunet_green.pth"
 ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+PROBE = "nnunet_green/zz_discovery_probe/__init__.py"  # a subpackage no config file names
 NOT_BUILT = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                    "work", "bench_out", "demo_out", "nnUNet_raw", "nnUNet_preprocessed",
                                    "nnUNet_results")
@@ -134,6 +135,10 @@ def _declared_console_scripts(setup_cfg: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
+    """A copy of the project, plus one new subpackage that automatic discovery must pick up."""
+    import setuptools
+    version = tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit())
+    assert version >= (70, 1), f"setuptools {setuptools.__version__} < 70.1: install the test extra (setup.cfg)"
     dest = tmp_path_factory.mktemp("src") / "nnunet-green"
     files = _project_files(REPO)
     if files is None:
@@ -142,6 +147,8 @@ def src(tmp_path_factory) -> Path:
         for name in files:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
+    (dest / PROBE).parent.mkdir()
+    (dest / PROBE).write_text('"""Stands for a subpackage added after this test was written."""\n')
     return dest
 
 
@@ -204,6 +211,7 @@ def test_wheel_from_sdist_contents(src, wheel):
         assert f"nnunet_green/trainers/{trainer.name}" in names
     assert "nnunet_green/trainers/nnUNetTrainerGreen.py" in names
     # Automatic discovery: every package below nnunet_green/ in the source tree is in the wheel.
+    assert PROBE in names
     for init in (src / "nnunet_green").rglob("__init__.py"):
         assert f"{init.relative_to(src).as_posix()}" in names
 
