@@ -308,14 +308,15 @@ def test_pth_with_a_broken_package_does_not_stop_the_interpreter(tmp_path):
 def test_running_environment_has_the_pth_and_the_trainers_folder():
     """Where the project is installed in this interpreter (`make install`): the installer put the .pth into a
     site dir (it is in the distribution's RECORD) and the trainers folder is listed in nnUNet_extTrainer."""
-    try:
-        dist = importlib.metadata.distribution("nnunet-green")
-    except importlib.metadata.PackageNotFoundError:
+    site_dirs = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+    # Only site dirs: a checkout's own nnunet_green.egg-info (cwd on sys.path) is no installation.
+    dists = list(importlib.metadata.distributions(name="nnunet-green", path=site_dirs))
+    if not dists:
         pytest.skip("nnunet-green is not installed in this interpreter")
-    recorded = [f for f in dist.files or [] if f.name == PTH]
+    recorded = [f for f in dists[0].files or [] if f.name == PTH]
     assert recorded, "the installed distribution's RECORD does not list nnunet_green.pth"
-    installed = Path(dist.locate_file(recorded[0]))
-    assert installed.parent.resolve() in {Path(p).resolve() for p in site.getsitepackages() + [site.USER_SITE]}
+    installed = Path(dists[0].locate_file(recorded[0]))
+    assert installed.parent.resolve() in {Path(p).resolve() for p in site_dirs}
     assert installed.read_bytes() == (REPO / PTH).read_bytes()
     spec = importlib.util.find_spec("nnunet_green.trainers")
     folder = os.path.dirname(os.path.abspath(spec.origin))
