@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from nnunet_green.contract import EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK, GreenError
+
 EPILOG = """\
 PATH may be an nnU-Net fold folder (green_log.csv, green_summary.json), a model folder (fold_*/ inside; its folds
 are one row: time/energy/CO2 summed, Dice averaged), a compressed model folder (compression.json), a bench.json from
@@ -20,7 +22,7 @@ writes REPORT_DIR/report.md, report.html (self-contained), report.json and the P
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnunet-green-report", description=__doc__.split(":", 1)[1].strip(),
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG + "\n" + EXIT_CODES_HELP + "\n", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, model folders, bench.json, or parents")
     p.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report files")
     p.add_argument("--title", default=None, help="report title (default: nnunet-green report)")
@@ -31,12 +33,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # imported here so that --help works without matplotlib's start-up cost
     from nnunet_green.report.build import build
-    from nnunet_green.report.collect import ReportError
     try:
         report = build(args.paths, args.output, args.title)
-    except ReportError as e:
+    except GreenError as e:  # ReportError and the contract's SchemaError: bad input, one message
         print(f"nnunet-green-report: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     out = Path(args.output)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     for s in report.sections:
         for f in s.skipped:
             print(f"  skipped {f['figure']}: {f['reason']}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
