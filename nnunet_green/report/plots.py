@@ -317,21 +317,27 @@ def _series_label(src, bench, g, n):
 
 
 def _draw_points(ax, g, color, scale, label, annotate):
-    """Uniform-ratio models without recovery joined by a line (one series); every model marked by its rule."""
+    """Uniform-ratio models without recovery joined by a line (one series); every model marked by its rule. The
+    series is one legend entry (its colour); the markers' meaning is in _rule_legend."""
     uniform = [(x, y) for x, y, r in g["points"] if rule_family(r.get("rule")) == ("ratio", None)]
     if len(uniform) > 1:
         ax.plot([x for x, _ in uniform], [y * scale for _, y in uniform], "-", color=color, lw=1.2, zorder=2)
-    for i, (x, y, r) in enumerate(g["points"]):
-        ax.plot([x], [y * scale], _marker(r.get("rule")), color=color, ms=9 if _marker(r.get("rule")) == "*" else 6.5,
-                mec="black", mew=0.5, ls="none", zorder=3, label=label if i == 0 else None)
-        if annotate:
-            ax.annotate(r.get("rule") or r["name"], (x, y * scale), textcoords="offset points", xytext=(4, 4),
-                        fontsize=6.5, color="0.25")
+    ax.plot([], [], "-", color=color, lw=4, label=label)
+    at: dict[tuple, list[str]] = {}  # models of the same size share a point: one label listing them
+    for x, y, r in g["points"]:
+        marker = _marker(r.get("rule"))
+        ax.plot([x], [y * scale], marker, color=color, ms=10 if marker == "*" else 6.5, mec="black", mew=0.5,
+                ls="none", zorder=3)
+        at.setdefault((round(x, 4), round(y * scale, 9)), []).append(r.get("rule") or r["name"])
+    if annotate:
+        for (x, y), texts in at.items():
+            ax.annotate("\n".join(dict.fromkeys(texts)), (x, y), textcoords="offset points", xytext=(5, 3),
+                        fontsize=6.5, color="0.25", va="bottom")
 
 
-def _rule_legend(records) -> list:
-    """Legend entries (grey) for the rules and recoveries present."""
-    present = [rule_family(r.get("rule")) for r in records if not _is_dense(r) and r.get("kept_fraction") is not None]
+def _rule_legend(points) -> list:
+    """Legend entries (grey) for the rules and recoveries among the drawn points."""
+    present = [(p["family"], p["recovery"]) for p in points]
     handles = []
     for fam, (marker, text) in FAMILIES.items():
         if any(f == fam for f, _ in present):
@@ -339,7 +345,7 @@ def _rule_legend(records) -> list:
     for rec in sorted({r for _, r in present if r}):
         marker, text = RECOVERED.get(rec, (_OTHER_RECOVERY[0], f"+ {rec}"))
         handles.append(Line2D([], [], marker=marker, color="0.4", ls="none", mec="black", mew=0.5,
-                              ms=9 if marker == "*" else 6.5, label=text))
+                              ms=10 if marker == "*" else 6.5, label=text))
     return handles
 
 
@@ -379,7 +385,7 @@ def compression_size(records: list[dict], out: Path) -> tuple[str, str, dict]:
         groups = _groups(recs, key)
         for i, ((src, bench), g) in enumerate(groups.items()):
             c = plt.get_cmap("tab10")(i)
-            _draw_points(ax, g, c, scale, _series_label(src, bench, g, len(groups)), annotate=True)
+            _draw_points(ax, g, c, scale, _series_label(src, bench, g, len(groups)), annotate=False)
             if g["ref"] is not None:
                 ax.axhline(g["ref"] * scale, color=c, ls="--", lw=1, label="uncompressed" if len(groups) == 1
                            else f"uncompressed ({g['name']})")
@@ -394,19 +400,25 @@ def compression_size(records: list[dict], out: Path) -> tuple[str, str, dict]:
         ax.set_title(title)
         if scale == 1:
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: fmt_count(v) if v else "0"))
-        handles, labels = ax.get_legend_handles_labels()
-        rules = _rule_legend(records)
-        ax.legend(handles + rules, labels + [h.get_label() for h in rules], fontsize=7)
-    fig.suptitle("Compressed model size and speed vs parameters kept (markers: rank rule)", fontsize=11)
-    if len(panels) < 3:
-        fig.text(0.5, -0.02, "latency not shown: no bench.json lists the compressed folders", ha="center",
-                 fontsize=8)
-    fig.tight_layout()
     drawn, left = _points_data(records, ("params_after", "macs_after", "latency_s"))
+    # one legend for all panels, below them: series (colour), uncompressed (dashed), rule and recovery (marker)
+    legend: dict[str, object] = {}
+    for ax in axs[0]:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lbl, h)
+    for h in _rule_legend(drawn):
+        legend.setdefault(h.get_label(), h)
+    fig.suptitle("Compressed model size and speed vs parameters kept (markers: rank rule)", fontsize=11)
+    fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(4, len(legend)), fontsize=8, frameon=False)
+    if len(panels) < 3:
+        fig.text(0.5, -0.02 - 0.05 * math.ceil(len(legend) / 4), "latency not shown: no bench.json lists the "
+                 "compressed folders", ha="center", fontsize=8)
     return (_save(fig, out, "compression_size.png"),
             "Parameters, MACs and latency of the compressed models vs the fraction of parameters they keep; marker = "
-            "how the ranks were chosen (uniform ratio, budget, calibrated) or recovered (distilled, fine-tuned), "
-            "each point labelled with its rule; dashed: the uncompressed model.",
+            "how the ranks were chosen (uniform ratio, budget, calibrated) or recovered (distilled, fine-tuned); "
+            "dashed: the uncompressed model. Each model's rule is in the table.",
             {"x": "kept_fraction", "points": drawn, "left_out": left})
 
 
@@ -431,13 +443,14 @@ def compression_dice(records: list[dict], out: Path) -> tuple[str, str, dict]:
     ax.set_title("Segmentation quality vs parameters kept (markers: rank rule)")
     ax.grid(alpha=0.3)
     ax.margins(y=0.2)
-    handles, labels = ax.get_legend_handles_labels()
-    rules = _rule_legend(records)
-    _legend_below(ax, handles + rules, labels + [h.get_label() for h in rules], ncol=2)
     drawn, left = _points_data(records, ("agreement_dice", "dice_vs_labels"))
+    handles, labels = ax.get_legend_handles_labels()
+    rules = _rule_legend(drawn)
+    _legend_below(ax, handles + rules, labels + [h.get_label() for h in rules], ncol=2)
     return (_save(fig, out, "compression_dice.png"),
             "Agreement Dice with the uncompressed model's predictions and Dice vs labels, by the fraction of "
-            "parameters kept; marker = rank rule or recovery, as in the size figure.",
+            "parameters kept; marker = rank rule or recovery, as in the size figure; agreement points are labelled "
+            "with their rule.",
             {"x": "kept_fraction", "points": drawn, "left_out": left})
 
 

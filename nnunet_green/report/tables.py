@@ -359,7 +359,9 @@ def compression_table(records: list[dict]) -> Table | None:
         c["model"] = Cell(name + (" [fp16]" if r.get("half") else ""))
         c["source"] = Cell(r["source_run"] or (Path(r["source_path"]).name if r["source_path"] else DASH))
         if r["rule"]:
-            c["rule"] = Cell(r["rule"], [t.notes.ref(f"ranks: {r['rank_rule']}")] if r.get("rank_rule") else [])
+            # how a budget chose its ranks (a uniform ratio says it all in its label)
+            detail = r.get("rank_rule") if r["rank_ratio"] is None else None
+            c["rule"] = Cell(r["rule"], [t.notes.ref(f"ranks: {detail}")] if detail else [])
         elif not r["compressed"] and r.get("is_reference"):
             c["rule"] = Cell(DENSE_RULE)
         else:
