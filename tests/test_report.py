@@ -126,7 +126,8 @@ def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, de
             spend(t * 0.9)
             meter.start_validation()
             spend(t * 0.1)
-            meter.end_epoch(train_loss=-0.2 - 0.05 * e, val_loss=-0.15 - 0.04 * e, pseudo_dice=dice * (1 - 0.5 * 0.6 ** e))
+            meter.end_epoch(train_loss=-0.2 - 0.05 * e, val_loss=-0.15 - 0.04 * e,
+                            pseudo_dice=dice * (1 - 0.5 * 0.6 ** e))
         # what a real nnU-Net fold folder also holds; the report must ignore it
         (folder / "checkpoint_final.pth").write_bytes(b"\x80\x02not a real checkpoint")
         (folder / "progress.png").write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -555,3 +556,145 @@ def test_real_nnunet_fold_folder(trained_fp32, tmp_path):
     else:
         assert row["energy_j"] == pytest.approx(summary["totals"]["energy_j"])
     assert (out / "radar.png").is_file() and (out / "pseudo_dice_per_epoch.png").is_file()
+
+
+def _as_previous_version(folder: Path, recovery: dict | None) -> None:
+    """Rewrite a compression.json with the keys the previous version wrote: no rank_rule/trainer_name/
+    dense_network_class/verification, no budget keys in config, a recovery record without "kind"."""
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    for k in ("rank_rule", "trainer_name", "dense_network_class", "verification"):
+        data.pop(k)
+    for k in ("budget", "budget_cost"):
+        data["config"].pop(k)
+    data["recovery"] = recovery
+    (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=2))
+
+
+def test_previous_version_inputs_render(tmp_path):
+    """compression.json and bench.json of the previous version (no "rule", "kept_fraction", recovery "kind")."""
+    res = tmp_path / "results"
+    fp32 = model_folder(res, "nnUNetTrainerGreenFP32")
+    write_fold(fp32 / "fold_0", "nnUNetTrainerGreenFP32", "fp32", "sgd")
+    comp = tmp_path / "compressed"
+    write_compressed(comp / "old_r0.12_distilled", fp32, 0.12, 400_000, 2_000_000_000)
+    _as_previous_version(comp / "old_r0.12_distilled", distillation(kind=None))
+    write_compressed(comp / "old_r0.25_ft", fp32, 0.25, 900_000, 3_500_000_000)
+    _as_previous_version(comp / "old_r0.25_ft", {"method": "finetune", "epochs": 3, "fold": 0,
+                                                 "metering": f"fold_0/{GREEN_SUMMARY_FILE}"})  # not there: a warning
+    write_compressed(comp / "old_budget", fp32, None, 300_000, 1_500_000_000, budget=0.12)
+    bench = write_bench(tmp_path / "bench_out", fp32, [(comp / "old_r0.12_distilled", 400_000, 2_000_000_000, 0.08,
+                                                        0.95),
+                                                       (comp / "old_budget", 300_000, 1_500_000_000, 0.07, 0.9)],
+                        new_keys=False)
+    assert "rule" not in json.loads(bench.read_text())["models"][1]
+    out = tmp_path / "rep"
+    assert main([str(res), str(comp / "old_r0.12_distilled"), str(comp / "old_r0.25_ft"), str(bench),
+                 "-o", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in data["compression"]["rows"]}
+    d = rows["old_r0.12_distilled"]
+    assert d["rule"] == "ratio 0.12 + distilled" and d["recovery"]["kind"] == "distilled"
+    assert "held-out agreement 0.912 → 0.968" in d["display"]["recovery"]
+    assert d["kept_fraction"] == pytest.approx(400_000 / DENSE_PARAMS)
+    ft = rows["old_r0.25_ft"]
+    assert ft["rule"] == "ratio 0.25 + fine-tuned" and ft["display"]["recovery"] == "fine-tuned, 3 epochs"
+    assert any("old_r0.25_ft" in w and "fold_0/green_summary.json" in w for w in data["warnings"])
+    # a budgeted model whose compression.json was not given and a bench without "rule": a dash with the reason,
+    # and still placed on the kept-fraction axis from the bench's parameter counts
+    b = rows["old_budget"]
+    assert b["rule"] is None and b["display"]["rule"] == "—"
+    assert "rule not recorded" in b["footnotes"]["rule"][0]
+    assert b["kept_fraction"] == pytest.approx(300_000 / DENSE_PARAMS)
+    figs = {f["file"]: f["data"] for f in data["compression"]["figures"]}
+    for name in ("compression_size.png", "compression_dice.png"):
+        assert {p["model"] for p in figs[name]["points"]} >= {"old_r0.12_distilled", "old_budget"}
+    assert {p["model"]: p for p in figs["compression_size.png"]["points"]}["old_budget"]["family"] == "other"
+
+
+def _valid_fold(tmp_path) -> Path:
+    fold = model_folder(tmp_path / "results", "nnUNetTrainerGreenFP32") / "fold_0"
+    write_fold(fold, "nnUNetTrainerGreenFP32", "fp32", "sgd", epoch_s=50.0)
+    return fold
+
+
+def run_report(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI in this process (a subprocess costs seconds here); stdout/stderr as the console shows them."""
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+@pytest.mark.parametrize("case", ["manifest_other_format", "summary_foreign", "log_foreign"])
+def test_foreign_file_in_a_folder_is_a_warning_naming_it(tmp_path, capsys, case):
+    fold = _valid_fold(tmp_path)
+    if case == "manifest_other_format":
+        bad = tmp_path / "compressed" / "m"
+        write_compressed(bad, fold.parent, 0.12, 400_000, 2_000_000_000)
+        data = json.loads((bad / MANIFEST_FILE).read_text())
+        (bad / MANIFEST_FILE).write_text(json.dumps({**data, "format": "nnunet-green-compression/0"}))
+        bad = bad / MANIFEST_FILE
+    elif case == "summary_foreign":
+        bad = fold / GREEN_SUMMARY_FILE
+        bad.write_text(json.dumps({"format": "someone-else/3", "energy": 12}))
+    else:
+        bad = fold / GREEN_LOG_FILE
+        bad.write_text("step,loss\n0,0.5\n1,0.4\n")
+    proc = run_report(capsys, tmp_path, "-o", tmp_path / "rep")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warning = next(ln for ln in proc.stderr.splitlines() if ln.startswith("warning: ") and str(bad) in ln)
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    (row,) = data["training"]["rows"]
+    if case == "manifest_other_format":
+        assert "'nnunet-green-compression/0'" in warning and "left out" in warning
+        assert data["compression"]["rows"] == []
+    elif case == "summary_foreign":
+        assert "someone-else/3" in warning and f"from {GREEN_LOG_FILE}" in warning
+        log = [float(r.split(",")[LOG_COLUMNS.index("epoch_s")]) for r in
+               (fold / GREEN_LOG_FILE).read_text().splitlines()[1:]]
+        assert row["time_s"] == pytest.approx(sum(log)) and row["precision"] is None
+    else:
+        assert "no 'epoch' column" in warning
+        summary = json.loads((fold / GREEN_SUMMARY_FILE).read_text())
+        assert row["time_s"] == pytest.approx(summary["totals"]["time_s"])
+        assert "pseudo_dice_per_epoch.png" not in {f["file"] for f in data["training"]["figures"]}
+
+
+@pytest.mark.parametrize("case", ["manifest_lacks_keys", "manifest_wrong_type", "bench_models_not_a_list",
+                                  "summary_other_format", "only_unreadable_manifest"])
+def test_unreadable_record_named_on_the_command_line_is_one_error(tmp_path, capsys, case):
+    comp = tmp_path / "compressed" / "m"
+    write_compressed(comp, tmp_path / "dense", 0.12, 400_000, 2_000_000_000)
+    data = json.loads((comp / MANIFEST_FILE).read_text())
+    target, expect = comp / MANIFEST_FILE, None
+    if case == "manifest_lacks_keys":
+        del data["totals"], data["layers"]
+        (comp / MANIFEST_FILE).write_text(json.dumps(data))
+        expect = "compression.json lacks layers, totals"
+    elif case == "manifest_wrong_type":
+        (comp / MANIFEST_FILE).write_text(json.dumps({**data, "config": [0.12]}))
+        expect = "key 'config' is list, expected an object"
+    elif case == "bench_models_not_a_list":
+        target = tmp_path / "b" / BENCH_FILE
+        target.parent.mkdir()
+        target.write_text(json.dumps({"format": BENCH_FORMAT, "models": {"a": 1}}))
+        expect = "key 'models' is dict, expected a list"
+    elif case == "summary_other_format":
+        target = _valid_fold(tmp_path) / GREEN_SUMMARY_FILE
+        target.write_text(json.dumps({**json.loads(target.read_text()), "format": "nnunet-green-summary/0"}))
+        expect = "'nnunet-green-summary/0'"
+    else:
+        (comp / MANIFEST_FILE).write_text(json.dumps({**data, "format": "nnunet-green-compression/9"}))
+        target, expect = tmp_path / "compressed", "skipped: "
+    proc = run_report(capsys, target, "-o", tmp_path / "rep")
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stderr.startswith("nnunet-green-report: error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert str(target if case != "only_unreadable_manifest" else comp / MANIFEST_FILE) in proc.stderr
+    assert expect in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_help_lists_exit_codes():
+    proc = subprocess.run([str(BIN / "nnunet-green-report"), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and EXIT_CODES_HELP in " ".join(proc.stdout.split())

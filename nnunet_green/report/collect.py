@@ -1,8 +1,9 @@
 """Find the report's inputs below the given paths and read them into records.
 
 Inputs: nnU-Net fold folders (`green_log.csv` / `green_summary.json`), model folders (their `fold_*` children),
-compressed model folders (`compression.json`) and benchmark results (`bench.json`). Nothing here imports torch:
-the report must run on a laptop that only has the result folders.
+compressed model folders (`compression.json`) and benchmark results (`bench.json`), read through the records and
+names of `nnunet_green.contract` (the writers use the same). Nothing here imports torch: the report must run on a
+laptop that only has the result folders.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from nnunet_green.contract import (BASELINE_TRAINER, BENCH_FILE, BENCH_FORMAT, GREEN_LOG_FILE, GREEN_SUMMARY_FILE,
                                    LOG_COLUMNS, MANIFEST_FILE, BenchResult, CompressionManifest, GreenError,
-                                   SchemaError, TrainingSummary, read_json)
+                                   SchemaError, TrainingSummary)
 
 FOLD_DIR = re.compile(r"fold_(\d+|all)$")
 # Folders that never hold inputs but can be large (nnU-Net predictions, caches).
@@ -91,6 +92,8 @@ def discover(paths) -> Inputs:
         skipped: list[str] = []
         if p.is_file():
             if p.name in (GREEN_LOG_FILE, GREEN_SUMMARY_FILE):
+                if p.name == GREEN_SUMMARY_FILE:
+                    _read_record(TrainingSummary, p)  # named on the command line: unreadable is an error
                 fold_dirs[p.parent] = None
             elif p.name == MANIFEST_FILE:
                 compressed[p.parent] = Compressed(p.parent, _read_record(CompressionManifest, p))
@@ -333,7 +336,8 @@ def aggregate(s: Setting, warnings) -> None:
     n = len(folds)
     where = (lambda f: f"fold {f.fold}") if n > 1 else (lambda f: "")
     no_summary = not any(f.summary for f in folds)
-    not_recorded = f"no {GREEN_SUMMARY_FILE} (run unfinished?)" if no_summary else f"not recorded in {GREEN_SUMMARY_FILE}"
+    not_recorded = (f"no {GREEN_SUMMARY_FILE} (run unfinished?)" if no_summary
+                    else f"not recorded in {GREEN_SUMMARY_FILE}")
     v["trainer"] = _trainer_name(s.folder, folds)
     v["folds"] = n
     v["fold_names"] = [f.fold for f in folds]

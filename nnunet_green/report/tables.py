@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_green.contract import BASELINE_TRAINER, MANIFEST_FILE
-from nnunet_green.report.collect import Inputs, Setting, number, recovery_figures
+from nnunet_green.report.collect import Inputs, Setting, _get, number, recovery_figures
 
 DASH = "—"
 
@@ -248,14 +248,6 @@ def compression_records(inputs: Inputs) -> list[dict]:
                      agreement_dice=None, dice_vs_labels=None, device=None, has_labels=False, not_benchmarked=True)
             records.append(_derive(r))
     return records
-
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _rule_without_manifest(m: dict, is_ref: bool, ratio):
