@@ -611,6 +611,24 @@ def test_previous_version_inputs_render(tmp_path):
     assert {p["model"]: p for p in figs["compression_size.png"]["points"]}["old_budget"]["family"] == "other"
 
 
+def test_recovery_of_several_folds_is_their_mean(tmp_path):
+    """distill_model_folder writes {fold_X: value} for each figure when it distilled several folds."""
+    from nnunet_green.report.collect import Compressed, recovery_figures
+    from nnunet_green.report.tables import fmt_recovery
+    rec = distillation()
+    for k, (a, b) in {"heldout_agreement_before": (0.90, 0.92), "heldout_agreement_after": (0.96, 0.98),
+                      "steps_done": (200, 100)}.items():
+        rec[k] = {"fold_0": a, "fold_1": b}
+    m = write_compressed(tmp_path / "c", tmp_path / "dense", 0.12, 400_000, 2_000_000_000, recovery=rec)
+    warnings: list[str] = []
+    fig = recovery_figures(Compressed(tmp_path / "c", m), warnings)
+    assert fig["heldout_agreement_before"] == pytest.approx(0.91) and fig["steps_done"] == pytest.approx(150)
+    assert fig["folds_averaged"] == 2 and fig["heldout_rel_error_after"] == 0.22 and warnings == []
+    text = fmt_recovery(fig)
+    assert text.startswith("distilled, 150 steps") and "agreement 0.910 → 0.970" in text
+    assert text.endswith("mean of 2 folds")
+
+
 def _valid_fold(tmp_path) -> Path:
     fold = model_folder(tmp_path / "results", "nnUNetTrainerGreenFP32") / "fold_0"
     write_fold(fold, "nnUNetTrainerGreenFP32", "fp32", "sgd", epoch_s=50.0)

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from nnunet_green.contract import BENCH_FILE, GREEN_LOG_FILE  # noqa: E402
 from nnunet_green.report.collect import Setting, epoch_series  # noqa: E402
 from nnunet_green.report.tables import DENSE_RULE, fmt_count, fmt_duration, fmt_mb, memory_metric  # noqa: E402
 
@@ -142,7 +143,7 @@ def per_epoch_cost(settings: list[Setting], out: Path) -> tuple[str, str]:
         _plot_per_epoch(ax, settings, "epoch_s", col)
         if not ax.lines:
             plt.close(fig)
-            raise Skip("no per-epoch energy or time in any green_log.csv")
+            raise Skip(f"no per-epoch energy or time in any {GREEN_LOG_FILE}")
         ax.set_ylabel("time per epoch (s)")
         ax.set_title("Time per epoch (no run has energy measurements)")
         foot = []
@@ -179,7 +180,7 @@ def pseudo_dice(settings: list[Setting], out: Path) -> tuple[str, str]:
     _plot_per_epoch(ax, settings, "pseudo_dice", col)
     if not ax.lines:
         plt.close(fig)
-        raise Skip("no pseudo Dice in any green_log.csv")
+        raise Skip(f"no pseudo Dice in any {GREEN_LOG_FILE}")
     ax.set_ylabel("pseudo Dice (online validation, mean fg)")
     ax.set_title("Validation pseudo Dice per epoch")
     _finish_per_epoch(ax, settings)
@@ -413,7 +414,7 @@ def compression_size(records: list[dict], out: Path) -> tuple[str, str, dict]:
     fig.legend(list(legend.values()), list(legend), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(4, len(legend)), fontsize=8, frameon=False)
     if len(panels) < 3:
-        fig.text(0.5, -0.02 - 0.05 * math.ceil(len(legend) / 4), "latency not shown: no bench.json lists the "
+        fig.text(0.5, -0.02 - 0.05 * math.ceil(len(legend) / 4), f"latency not shown: no {BENCH_FILE} lists the "
                  "compressed folders", ha="center", fontsize=8)
     return (_save(fig, out, "compression_size.png"),
             "Parameters, MACs and latency of the compressed models vs the fraction of parameters they keep; marker = "
@@ -427,7 +428,7 @@ def compression_dice(records: list[dict], out: Path) -> tuple[str, str, dict]:
                                     ("dice_vs_labels", "Dice vs labels")) if _groups(records, k)]
     if not keys:
         raise Skip("no benchmark with agreement Dice or Dice vs labels for compressed models "
-                   "(bench.json without --images/--labels, or none given)")
+                   f"({BENCH_FILE} without --images/--labels, or none given)")
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for k, lbl in keys:
         groups = _groups(records, k)

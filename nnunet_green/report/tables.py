@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_green.contract import BASELINE_TRAINER, MANIFEST_FILE
+from nnunet_green.contract import BASELINE_TRAINER, BENCH_FILE, MANIFEST_FILE
 from nnunet_green.report.collect import Inputs, Setting, _get, number, recovery_figures
 
 DASH = "—"
@@ -196,6 +196,7 @@ def _resolve(p) -> str | None:
 
 
 DENSE_RULE = "dense"
+NOT_BENCHMARKED = f"not benchmarked: no {BENCH_FILE} among the inputs lists this folder"
 
 
 def compression_records(inputs: Inputs) -> list[dict]:
@@ -334,7 +335,7 @@ def compression_table(records: list[dict]) -> Table | None:
                      "\"+ distilled\" / \"+ fine-tuned\": accuracy recovered after compression (see Recovery).")
     t.remarks.append("Params kept: parameters after ÷ before compression, the x axis of the compression figures, so "
                      "models of every rule are compared on one scale. Params: % removed vs the uncompressed model. "
-                     "MACs: ratio compressed/uncompressed at the patch size in compression.json (or the bench patch). "
+                     f"MACs: ratio compressed/uncompressed at the patch size in {MANIFEST_FILE} (or the bench patch). "
                      "Latency: median forward pass of one patch; speed-up vs the bench's reference model, measured on "
                      "the same machine.")
     if any(r.get("recovery") for r in records):
@@ -357,7 +358,7 @@ def compression_table(records: list[dict]) -> Table | None:
         elif not r["compressed"] and r.get("is_reference"):
             c["rule"] = Cell(DENSE_RULE)
         else:
-            c["rule"] = dash("rule not recorded: no compression.json among the inputs and a bench.json without "
+            c["rule"] = dash(f"rule not recorded: no {MANIFEST_FILE} among the inputs and a {BENCH_FILE} without "
                              "\"rule\" (an earlier version)")
         c["kept"] = (Cell(f"{r['kept_fraction']:.3f}") if r["kept_fraction"] is not None
                      else dash("parameter count not recorded"))
@@ -372,7 +373,7 @@ def compression_table(records: list[dict]) -> Table | None:
             extra = f" ({r['macs_ratio']:.2f}×)" if r["macs_ratio"] is not None else ""
             c["macs"] = Cell(fmt_count(r["macs_after"]) + extra)
         if r["latency_s"] is None:
-            c["latency"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+            c["latency"] = dash(NOT_BENCHMARKED)
         else:
             sp = "" if r.get("is_reference") or r["speedup"] is None else f" ({r['speedup']:.2f}× speed-up)"
             c["latency"] = Cell(f"{r['latency_s'] * 1000:.1f} ms{sp}")
@@ -381,13 +382,13 @@ def compression_table(records: list[dict]) -> Table | None:
         elif r.get("is_reference"):
             c["agreement"] = dash("the reference model: agreement Dice is measured against its predictions")
         elif r.get("not_benchmarked"):
-            c["agreement"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+            c["agreement"] = dash(NOT_BENCHMARKED)
         else:
             c["agreement"] = dash("bench run without images (--images): no predictions to compare")
         if r["dice_vs_labels"] is not None:
             c["dice_labels"] = Cell(f"{r['dice_vs_labels']:.4f}")
         elif r.get("not_benchmarked"):
-            c["dice_labels"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+            c["dice_labels"] = dash(NOT_BENCHMARKED)
         else:
             c["dice_labels"] = dash("bench run without reference labels (--labels)")
         if r.get("recovery"):
