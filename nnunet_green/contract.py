@@ -219,6 +219,8 @@ class _Record:
         known = {k: data[k] for k in names if k in data}
         for f in fields(cls):  # a dict/list key holding another type would fail later, far from the file
             want = _JSON_TYPES.get(str(f.type))
+            if want and known.get(f.name, 0) is None and "None" not in str(f.type) and not _is_required(f):
+                del known[f.name]  # null for an optional object/list: its default
             if want and f.name in known and not (known[f.name] is None and "None" in str(f.type)) \
                     and not isinstance(known[f.name], want[0]):
                 raise SchemaError(f"{where}: {cls.WHAT} key {f.name!r} is {type(known[f.name]).__name__}, "
