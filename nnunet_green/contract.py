@@ -217,6 +217,14 @@ class _Record:
         if missing:
             raise SchemaError(f"{where}: {cls.WHAT} lacks {', '.join(missing)} (written by another version?)")
         known = {k: data[k] for k in names if k in data}
+        for f in fields(cls):  # a dict/list key holding another type would fail later, far from the file
+            want = _JSON_TYPES.get(str(f.type))
+            if want and known.get(f.name, 0) is None and "None" not in str(f.type) and not _is_required(f):
+                del known[f.name]  # null for an optional object/list: its default
+            if want and f.name in known and not (known[f.name] is None and "None" in str(f.type)) \
+                    and not isinstance(known[f.name], want[0]):
+                raise SchemaError(f"{where}: {cls.WHAT} key {f.name!r} is {type(known[f.name]).__name__}, "
+                                  f"expected {want[1]} (written by another version?)")
         extra = {k: v for k, v in data.items() if k not in names and k != "format"}
         return cls(**known, extra=extra)
 
@@ -229,6 +237,10 @@ class _Record:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+_JSON_TYPES = {"dict": (dict, "an object"), "dict | None": (dict, "an object or null"),
+               "list": (list, "a list"), "list | None": (list, "a list or null")}
 
 
 def _is_required(f) -> bool:
@@ -271,8 +283,18 @@ class CompressionManifest(_Record):
             label = self.rank_rule or "rule not recorded"
         if (self.extra.get("calibration") or {}).get("images"):
             label += " calibrated"
-        kind = (self.recovery or {}).get("kind") or ("distilled" if self.recovery else None)
+        kind = self.recovery_kind
         return f"{label} + {kind}" if kind else label
+
+    @property
+    def recovery_kind(self) -> str | None:
+        """'distilled', 'fine-tuned' (recovery records of older versions name only their `method`), or None."""
+        r = self.recovery
+        if not isinstance(r, dict) or not r:
+            return None
+        if r.get("kind"):
+            return str(r["kind"])
+        return {"distillation": "distilled", "finetune": "fine-tuned"}.get(r.get("method"), "recovered")
 
     @property
     def kept_fraction(self) -> float | None:

@@ -1,137 +1,232 @@
-"""nnunet-green-report on input trees written in the exact formats of the trainers, compressor and bench."""
+"""nnunet-green-report on input trees written by the real writers: the green meter (EpochMeter, driven by a fake
+clock and fake energy counters so that the numbers are known on any machine), CompressionManifest and BenchResult."""
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
+from nnunet_green.compression.api import LayerRecord
+from nnunet_green.contract import (BENCH_FILE, BENCH_FORMAT, EXIT_BAD_INPUT, EXIT_CODES_HELP, GREEN_LOG_FILE,
+                                   GREEN_SUMMARY_FILE, LOG_COLUMNS, MANIFEST_FILE, BenchResult, CompressionManifest)
+from nnunet_green.metering import EnergyMeter, EpochMeter
+from nnunet_green.metering.carbon import CarbonSetting
 from nnunet_green.report.cli import main
 from nnunet_green.report.plots import pareto_front
 
 BIN = Path(sys.executable).parent
-COLUMNS = ("epoch,epoch_s,train_s,val_s,gpu_energy_j,cpu_energy_j,energy_j,energy_source,co2eq_g,"
-           "gpu_mem_alloc_peak_mb,gpu_mem_reserved_peak_mb,host_rss_peak_mb,train_loss,val_loss,pseudo_dice,"
-           "meter_overhead_s")
 INTENSITY = 380.0  # g/kWh
+CARBON = CarbonSetting(INTENSITY, "test table", "DEU", pue=1.0)
 EPOCHS = 6
+DENSE_PARAMS, DENSE_MACS = 2_345_678, 9_000_000_000
 
 
-def _f(v):
-    return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+class Clock:
+    """time.perf_counter while a fold is written: advances only when the test says so."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
 
 
-def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, device="cuda:0", source="nvml",
-               epoch_s=30.0, gpu_w=250.0, cpu_w=None, mem=4000.0, dice=0.85, validation_dice=True,
-               opt_bytes=123_456_789, summary=True, final_val=None) -> dict:
-    """A fold folder as nnU-Net + the green meter leave it; returns the totals written."""
+class FakeNvml:
+    """The pynvml calls the meter makes; `counter_mj` is the GPU's total-energy counter."""
+
+    def __init__(self):
+        self.counter_mj = 5_000_000
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("handle", index)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return ("handle", uuid)
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        return int(self.counter_mj)
+
+
+class FakeCuda:
+    """torch.cuda's memory statistics for a GPU run on any machine (with or without a GPU)."""
+
+    def __init__(self, mem):
+        self.alloc, self.reserved = mem, mem * 1.2
+
+    def install(self, mp):
+        mp.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+        mp.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        mp.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.alloc * 1024 ** 2)
+        mp.setattr(torch.cuda, "max_memory_reserved", lambda device=None: self.reserved * 1024 ** 2)
+        mp.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+
+
+def unreadable_rapl(root: Path, mp) -> Path:
+    """A RAPL tree whose counters a non-root user cannot read (Linux >= 5.10), for the meter's own reason."""
+    pkg = root / "intel-rapl:0"
+    pkg.mkdir(parents=True)
+    (pkg / "name").write_text("package-0\n")
+    (pkg / "max_energy_range_uj").write_text("1000000\n")
+    (pkg / "energy_uj").write_text("1\n")
+    real_read_text = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == "energy_uj":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    mp.setattr(pathlib.Path, "read_text", read_text)
+    return root
+
+
+def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, device="cuda:0", gpu_w=250.0,
+               cpu_w=None, epoch_s=30.0, mem=4000.0, dice=0.85, validation_dice=True, opt_bytes=123_456_789,
+               summary=True, final_val=None) -> dict | None:
+    """A fold folder as nnU-Net + the green meter leave it, written by EpochMeter; returns green_summary.json.
+
+    GPU energy = gpu_w × time through a fake NVML counter (device cuda only); CPU energy: an estimate of cpu_w
+    watts where given, else unavailable because RAPL is unreadable (the meter's own reason)."""
     folder.mkdir(parents=True)
-    cuda = device.startswith("cuda")
-    rows, tot = [], {"time_s": 0.0, "energy_j": None, "gpu": None, "cpu": None}
-    for e in range(EPOCHS):
-        t = epoch_s * (1.1 if e == 0 else 1.0) + 0.1 * e
-        gpu_j = gpu_w * t if (cuda and "nvml" in source) else None
-        cpu_j = cpu_w * t if cpu_w is not None else None
-        energy = None if gpu_j is None and cpu_j is None else (gpu_j or 0.0) + (cpu_j or 0.0)
-        pd = dice * (1 - 0.5 * 0.6 ** e)
-        rows.append([e, t, t * 0.9, t * 0.1, gpu_j, cpu_j, energy, source,
-                     None if energy is None else energy / 3.6e6 * INTENSITY,
-                     mem + e if cuda else None, mem * 1.2 if cuda else None, 2500.0 + e, -0.2 - 0.05 * e,
-                     -0.15 - 0.04 * e, pd, 0.002])
-        tot["time_s"] += t
-        for k, v in (("energy_j", energy), ("gpu", gpu_j), ("cpu", cpu_j)):
-            if v is not None:
-                tot[k] = (tot[k] or 0.0) + v
-    (folder / "green_log.csv").write_text(COLUMNS + "\n" + "".join(",".join(_f(x) for x in r) + "\n" for r in rows))
-    if final_val is not None and tot["energy_j"] is not None:
-        tot["energy_j"] += final_val
-        tot["gpu"] = (tot["gpu"] or 0.0) + final_val
-    # what a real nnU-Net fold folder also holds; the report must ignore it
-    (folder / "checkpoint_final.pth").write_bytes(b"\x80\x02not a real checkpoint")
-    (folder / "progress.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    (folder / "training_log_2026_1_1_00_00_00.txt").write_text("epoch 0\n")
-    (folder / "debug.json").write_text("{}")
-    (folder / "validation").mkdir()
-    vdice = dice + 0.01 if validation_dice else None
-    if validation_dice:
-        (folder / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": vdice}}))
-    energy_avail = tot["energy_j"] is not None
-    s = {"format": "nnunet-green-summary/1", "nnunet_green_version": "0.1.0", "output_folder": str(folder),
-         "device": device, "gpu_name": "NVIDIA H100 80GB HBM3" if cuda else None, "epochs_logged": EPOCHS,
-         "totals": {"time_s": tot["time_s"], "train_s": tot["time_s"] * 0.9, "val_s": tot["time_s"] * 0.1,
-                    "final_validation_s": 12.0 if final_val else None, "energy_j": tot["energy_j"],
-                    "energy_kwh": tot["energy_j"] / 3.6e6 if energy_avail else None,
-                    "gpu_energy_j": tot["gpu"], "cpu_energy_j": tot["cpu"],
-                    "co2eq_g": tot["energy_j"] / 3.6e6 * INTENSITY if energy_avail else None,
-                    "energy_source": source, "epochs_without_energy": 0 if energy_avail else EPOCHS,
-                    "gpu_mem_alloc_peak_mb": mem + EPOCHS - 1 if cuda else None,
-                    "gpu_mem_reserved_peak_mb": mem * 1.2 if cuda else None,
-                    "host_rss_peak_mb": 2500.0 + EPOCHS - 1, "meter_overhead_s": 0.012,
-                    "meter_overhead_fraction": 0.012 / tot["time_s"]},
-         "energy": {"gpu": {"available": cuda and "nvml" in source,
-                            "reason": None if cuda else "device is cpu: no GPU energy counter"},
-                    "cpu": {"available": cpu_w is not None,
-                            "reason": None if cpu_w is not None else
-                            "RAPL not readable (/sys/class/powercap/intel-rapl: permission denied); "
-                            "set NNUNET_GREEN_CPU_WATTS for an estimate",
-                            "estimate_watts": cpu_w}},
-         "carbon": {"intensity_g_per_kwh": INTENSITY, "source": "test table", "country": "DEU", "pue": 1.0},
-         "trainer": trainer, "precision": precision, "requested_precision": precision, "optimizer": optimizer,
-         "initial_lr": 0.01, "optimizer_state_bytes": opt_bytes, "num_parameters": 2_345_678, "num_epochs": EPOCHS,
-         "iterations_per_epoch": 250, "val_iterations_per_epoch": 50, "nonfinite_steps_skipped": 0,
-         "dice": {"pseudo_dice_last": rows[-1][14], "ema_pseudo_dice_best": dice - 0.02,
-                  "validation_mean_fg_dice": vdice}}
-    if summary:
-        (folder / "green_summary.json").write_text(json.dumps(s, indent=2))
-    return s
+    dev = torch.device(device)
+    clock, nvml = Clock(), FakeNvml()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(time, "perf_counter", clock)
+        mp.delenv("nnUNet_green_cpu_watts", raising=False)
+        cuda = FakeCuda(mem)
+        if dev.type == "cuda":
+            cuda.install(mp)
+        with pytest.MonkeyPatch.context() as rapl_mp:  # unreadable only while the meter looks at it
+            root = unreadable_rapl(folder.parent / f".rapl_{folder.name}", rapl_mp)
+            energy = EnergyMeter(dev, nvml=nvml, rapl_root=root, rapl_poll_s=0, cpu_watts=cpu_w)
+        meter = EpochMeter(folder, dev, energy=energy, carbon=CARBON)
+
+        def spend(seconds):
+            clock.t += seconds
+            nvml.counter_mj += (gpu_w or 0.0) * seconds * 1000
+
+        for e in range(EPOCHS):
+            t = epoch_s * (1.1 if e == 0 else 1.0) + 0.1 * e
+            cuda.alloc = mem + e
+            meter.start_epoch(e)
+            spend(t * 0.9)
+            meter.start_validation()
+            spend(t * 0.1)
+            meter.end_epoch(train_loss=-0.2 - 0.05 * e, val_loss=-0.15 - 0.04 * e,
+                            pseudo_dice=dice * (1 - 0.5 * 0.6 ** e))
+        # what a real nnU-Net fold folder also holds; the report must ignore it
+        (folder / "checkpoint_final.pth").write_bytes(b"\x80\x02not a real checkpoint")
+        (folder / "progress.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        (folder / "training_log_2026_1_1_00_00_00.txt").write_text("epoch 0\n")
+        (folder / "debug.json").write_text("{}")
+        (folder / "validation").mkdir()
+        vdice = dice + 0.01 if validation_dice else None
+        if validation_dice:  # nnU-Net's own file
+            (folder / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": vdice}}))
+        if final_val is not None:
+            with meter.measure("final_validation"):
+                clock.t += 12.0
+                nvml.counter_mj += final_val * 1000
+        if not summary:
+            return None
+        # the keys nnUNetTrainerGreen._write_summary passes to the meter
+        return meter.write_summary({
+            "trainer": trainer, "precision": precision, "requested_precision": precision, "optimizer": optimizer,
+            "initial_lr": 0.01, "optimizer_state_bytes": opt_bytes, "num_parameters": DENSE_PARAMS,
+            "num_epochs": EPOCHS, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
+            "nonfinite_steps_skipped": 0,
+            "dice": {"pseudo_dice_last": dice * (1 - 0.5 * 0.6 ** (EPOCHS - 1)), "ema_pseudo_dice_best": dice - 0.02,
+                     "validation_mean_fg_dice": vdice}})
 
 
 def model_folder(root: Path, trainer: str) -> Path:
     return root / "Dataset004_Hippocampus" / f"{trainer}__nnUNetPlans__3d_fullres"
 
 
-def write_compressed(folder: Path, src: Path, ratio: float, params_after: int, macs_after: int) -> None:
+def layers(rank: int, params_after: int) -> list[dict]:
+    return [LayerRecord("encoder.stages.0.0.convs.0.conv", ["encoder.stages.0.0.convs.0.conv"], "Conv3d", 1, 32,
+                        (3, 3, 3), (1, 1, 1), None, None, 896, 896, 1, 1, None, False, "rank would not save").to_dict(),
+            LayerRecord("encoder.stages.1.0.convs.0.conv", ["encoder.stages.1.0.convs.0.conv"], "Conv3d", 32, 64,
+                        (3, 3, 3), (2, 2, 2), rank, rank, 55360, params_after, 9, 1, 0.4, True, None, 0.2).to_dict()]
+
+
+def distillation(steps=200, kept=150, agree=(0.912, 0.968), err=(0.41, 0.22), kind="distilled") -> dict:
+    """A recovery record with the keys distill_model_folder writes (one fold)."""
+    rec = {"method": "distillation", "teacher": "/dense", "images": 4, "steps": steps, "lr": 1e-4,
+           "optimizer": "AdamW", "loss": "kl", "steps_done": steps, "kept_step": kept,
+           "heldout_agreement_before": agree[0], "heldout_agreement_after": agree[1],
+           "heldout_rel_error_before": err[0], "heldout_rel_error_after": err[1], "seconds": 42.0,
+           "energy_j": None, "energy_source": "unavailable", "folds": ["0"]}
+    if kind:
+        rec["kind"] = kind
+    return rec
+
+
+def write_compressed(folder: Path, src: Path, ratio: float | None, params_after: int, macs_after: int, *,
+                     budget: float | None = None, recovery: dict | None = None, extra: dict | None = None
+                     ) -> CompressionManifest:
     (folder / "fold_0").mkdir(parents=True)
     (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"x")
     (folder / "plans.json").write_text("{}")
-    layers = [{"name": "encoder.stages.0.0.convs.0.conv", "kind": "Conv3d", "in_channels": 1, "out_channels": 32,
-               "rank_in": None, "rank_out": None, "params_before": 896, "params_after": 896, "macs_before": 1,
-               "macs_after": 1, "rel_error": None, "factorized": False, "reason": "rank would not save"},
-              {"name": "encoder.stages.1.0.convs.0.conv", "kind": "Conv3d", "in_channels": 32, "out_channels": 64,
-               "rank_in": 8, "rank_out": 8, "params_before": 55360, "params_after": 2304, "macs_before": 9,
-               "macs_after": 1, "rel_error": 0.4, "factorized": True, "reason": None}]
-    (folder / "compression.json").write_text(json.dumps({
-        "format": "nnunet-green-compression/1", "nnunet_green_version": "0.1.0", "created": "2026-01-01T00:00:00",
-        "source": {"path": str(src), "checkpoints": {"fold_0/checkpoint_final.pth": "ab" * 32}},
-        "config": {"rank_ratio": ratio, "min_rank": 8, "round_to": 8, "half": False},
-        "configuration": "3d_fullres", "patch_size": [40, 56, 40], "folds": ["0"], "checkpoint": "checkpoint_final.pth",
-        "totals": {"params_before": 2_345_678, "params_after": params_after, "macs_before": 9_000_000_000,
-                   "macs_after": macs_after, "decomposition_s": 3.5},
-        "layers": layers, "recovery": None}, indent=2))
+    m = CompressionManifest(
+        source={"path": str(src), "checkpoints": {"fold_0/checkpoint_final.pth": "ab" * 32}},
+        config={"rank_ratio": None if budget is not None else ratio, "budget": budget,
+                "budget_cost": "params" if budget is not None else None, "min_rank": 8, "round_to": 8, "half": False},
+        rank_rule=(f"budgeted ranks: {budget:g} of the factorizable layers' params" if budget is not None
+                   else f"uniform rank ratio {ratio:g}"),
+        configuration="3d_fullres", folds=["0"],
+        totals={"params_before": DENSE_PARAMS, "params_after": params_after, "macs_before": DENSE_MACS,
+                "macs_after": macs_after, "decomposition_s": 3.5},
+        layers=layers(8, 2304), nnunet_green_version="0.1.0", created="2026-01-01T00:00:00",
+        patch_size=[40, 56, 40], recovery=recovery, trainer_name="nnUNetTrainerGreenFP32", extra=dict(extra or {}))
+    m.write(folder / MANIFEST_FILE)
+    return m
 
 
-def write_bench(folder: Path, ref: Path, compressed: list[tuple[Path, float, int, int, float, float]],
-                labels=True) -> Path:
+def bench_row(path: Path, params: int, macs: int, lat: float, agree, labels: bool, rule=None, kept=None,
+              ratio=None) -> dict:
+    """One model row as nnunet-green-bench writes it (with "rule"/"kept_fraction" unless rule is None: an older
+    bench)."""
+    row = {"name": path.name, "path": str(path), "fold": "0", "rank_ratio": ratio, "params": params, "macs": macs,
+           "patch_size": [40, 56, 40], "latency_s": {"median": lat, "runs": [lat] * 3}, "predict_wall_s": 15.0,
+           "dice_vs_labels": (agree - 0.1 if agree is not None else 0.86) if labels else None,
+           "agreement_dice": agree}
+    if rule is not None:
+        row.update(rule=rule, kept_fraction=kept)
+    return row
+
+
+def write_bench(folder: Path, ref: Path, compressed: list[tuple[Path, int, int, float, float]], labels=True,
+                new_keys=True) -> Path:
+    """bench.json via BenchResult: the reference first, then each compressed folder (rule and rank ratio read from
+    its compression.json, as the bench does)."""
     folder.mkdir(parents=True)
-    models = [{"name": ref.name, "path": str(ref), "fold": "0", "rank_ratio": None, "params": 2_345_678,
-               "macs": 9_000_000_000, "patch_size": [40, 56, 40], "latency_s": {"median": 0.200, "runs": [0.2] * 3},
-               "predict_wall_s": 20.0, "dice_vs_labels": 0.86 if labels else None, "agreement_dice": None}]
-    for path, ratio, params, macs, lat, agree in compressed:
-        models.append({"name": path.name, "path": str(path), "fold": "0", "rank_ratio": ratio, "params": params,
-                       "macs": macs, "patch_size": [40, 56, 40], "latency_s": {"median": lat, "runs": [lat] * 3},
-                       "predict_wall_s": 15.0, "dice_vs_labels": agree - 0.1 if labels else None,
-                       "agreement_dice": agree})
-    (folder / "bench.json").write_text(json.dumps({
-        "format": "nnunet-green-bench/1", "created": "2026-01-01T00:00:00", "device": "cpu",
-        "machine": {"cpu": "test cpu", "gpu": None, "torch_threads": 2, "torch": "2.x"}, "repeats": 3, "warmup": 1,
-        "images": "/data/imagesTs", "labels": "/data/labelsTs" if labels else None, "models": models,
-        "reference": ref.name}, indent=2))
-    return folder / "bench.json"
+    models = [bench_row(ref, DENSE_PARAMS, DENSE_MACS, 0.200, None, labels, rule="dense" if new_keys else None,
+                        kept=1.0)]
+    models[0]["predict_wall_s"] = 20.0
+    for path, params, macs, lat, agree in compressed:
+        m = CompressionManifest.read(path / MANIFEST_FILE)
+        models.append(bench_row(path, params, macs, lat, agree, labels, rule=m.rule_label if new_keys else None,
+                                kept=m.kept_fraction, ratio=m.config.get("rank_ratio")))
+    BenchResult(models=models, reference=ref.name, created="2026-01-01T00:00:00", device="cpu",
+                machine={"cpu": "test cpu", "gpu": None, "torch_threads": 2, "torch": "2.x"}, repeats=3, warmup=1,
+                images="/data/imagesTs", labels="/data/labelsTs" if labels else None, tta=True
+                ).write(folder / BENCH_FILE)
+    return folder / BENCH_FILE
 
 
 @pytest.fixture(scope="module")
@@ -142,20 +237,40 @@ def tree(tmp_path_factory):
     s = {"fp32": [write_fold(fp32 / f"fold_{k}", "nnUNetTrainerGreenFP32", "fp32", "sgd", epoch_s=40.0 + k,
                              gpu_w=300.0, mem=6000.0, dice=0.84 + 0.02 * k, final_val=500.0) for k in (0, 1)]}
     s["amp8"] = write_fold(model_folder(res, "nnUNetTrainerGreenAMP8bit") / "fold_0", "nnUNetTrainerGreenAMP8bit",
-                           "amp", "sgd8bit", source="nvml+estimate", epoch_s=20.0, gpu_w=250.0, cpu_w=65.0,
-                           mem=3000.0, dice=0.83, opt_bytes=30_000_000)
+                           "amp", "sgd8bit", epoch_s=20.0, gpu_w=250.0, cpu_w=65.0, mem=3000.0, dice=0.83,
+                           opt_bytes=30_000_000)
     s["bf16"] = write_fold(model_folder(res, "nnUNetTrainerGreenBF16") / "fold_0", "nnUNetTrainerGreenBF16", "bf16",
                            "sgd", epoch_s=22.0, gpu_w=260.0, mem=3500.0, dice=0.86)
-    # a CPU run on a machine without readable RAPL: energy unavailable
+    # a CPU run on a machine whose RAPL counters are not readable: energy unavailable
     s["cpu"] = write_fold(model_folder(res, "nnUNetTrainerGreen8bit") / "fold_0", "nnUNetTrainerGreen8bit", "fp32",
-                          "sgd8bit", device="cpu", source="unavailable", epoch_s=300.0, gpu_w=None, dice=0.80,
-                          validation_dice=False)
+                          "sgd8bit", device="cpu", gpu_w=None, epoch_s=300.0, dice=0.80, validation_dice=False)
     comp = root / "compressed"
-    write_compressed(comp / "fp32_r0.12", fp32, 0.12, 400_000, 2_000_000_000)
-    write_compressed(comp / "fp32_r0.25", fp32, 0.25, 900_000, 3_500_000_000)
-    bench = write_bench(root / "bench_out", fp32, [(comp / "fp32_r0.12", 0.12, 400_000, 2_000_000_000, 0.080, 0.93),
-                                                  (comp / "fp32_r0.25", 0.25, 900_000, 3_500_000_000, 0.110, 0.97)])
-    return {"root": root, "results": res, "summaries": s, "bench": bench, "fp32": fp32, "compressed": comp}
+    m = {"r0.12": write_compressed(comp / "fp32_r0.12", fp32, 0.12, 400_000, 2_000_000_000),
+         "r0.25": write_compressed(comp / "fp32_r0.25", fp32, 0.25, 900_000, 3_500_000_000),
+         # budgeted ranks: rank_ratio is null in compression.json and bench.json
+         "b0.12": write_compressed(comp / "fp32_b0.12", fp32, None, 300_000, 1_500_000_000, budget=0.12),
+         "b0.12d": write_compressed(comp / "fp32_b0.12_distilled", fp32, None, 300_000, 1_500_000_000, budget=0.12,
+                                    recovery=distillation()),
+         "b0.2c": write_compressed(comp / "fp32_b0.2_calibrated", fp32, None, 500_000, 2_500_000_000, budget=0.2,
+                                   extra={"calibration": {"images": 4, "source": "/data/imagesTr"}})}
+    # fine-tuned: nnUNetTrainerTuckerFinetune metered its run in the compressed folder's fold_0
+    ft = comp / "fp32_r0.12_finetuned"
+    write_compressed(ft, fp32, 0.12, 400_000, 2_000_000_000,
+                     recovery={"method": "finetune", "kind": "fine-tuned", "trainer": "nnUNetTrainerTuckerFinetune",
+                               "from": str(comp / "fp32_r0.12"), "fold": 0, "epochs": EPOCHS, "seconds": 130.0,
+                               "metering": f"fold_0/{GREEN_SUMMARY_FILE}"})
+    (ft / "fold_0" / "checkpoint_final.pth").unlink()
+    (ft / "fold_0").rmdir()
+    s["ft"] = write_fold(ft / "fold_0", "nnUNetTrainerTuckerFinetune", "fp32", "adamw", epoch_s=10.0, gpu_w=200.0,
+                         dice=0.835)
+    m["ft"] = CompressionManifest.read(ft / MANIFEST_FILE)
+    bench = write_bench(root / "bench_out", fp32, [(comp / "fp32_r0.12", 400_000, 2_000_000_000, 0.080, 0.93),
+                                                  (comp / "fp32_r0.25", 900_000, 3_500_000_000, 0.110, 0.97),
+                                                  (comp / "fp32_b0.12", 300_000, 1_500_000_000, 0.070, 0.90),
+                                                  (comp / "fp32_b0.12_distilled", 300_000, 1_500_000_000, 0.070,
+                                                   0.95)])
+    return {"root": root, "results": res, "summaries": s, "bench": bench, "fp32": fp32, "compressed": comp,
+            "manifests": m}
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +292,14 @@ def md_row(md: str, name: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-def md_cell(md: str, name: str, header: str) -> str:
-    head = next(ln for ln in md.splitlines() if ln.startswith("| Setting |"))
+def md_cell(md: str, name: str, header: str, first: str = "Setting") -> str:
+    head = next(ln for ln in md.splitlines() if ln.startswith(f"| {first} |"))
     headers = [c.strip() for c in head.strip("|").split("|")]
     return md_row(md, name)[headers.index(header)]
+
+
+def md_comp_cell(md: str, name: str, header: str) -> str:
+    return md_cell(md, name, header, first="Model")
 
 
 def test_every_setting_is_one_row(report):
@@ -227,18 +346,20 @@ def test_numbers_parse_back_to_inputs(report, tree):
     assert md_cell(report["md"], "nnUNetTrainerGreenFP32", "Optimizer state") == "117.7 MB"
 
 
-def test_missing_is_dash_with_reason_never_zero(report):
+def test_missing_is_dash_with_reason_never_zero(report, tree):
     rows = rows_by_setting(report)
     cpu = rows["nnUNetTrainerGreen8bit"]
     assert cpu["energy_j"] is None and cpu["co2eq_g"] is None and cpu["gpu_mem_alloc_peak_mb"] is None
-    assert "RAPL not readable" in cpu["missing_reasons"]["energy_j"]
+    # the meter's own reason, as it recorded it in green_summary.json
+    reason = tree["summaries"]["cpu"]["energy"]["cpu"]["reason"]
+    assert "not readable" in reason and reason in cpu["missing_reasons"]["energy_j"]
     for header in ("Energy", "CO2eq", "Peak GPU mem", "Dice/kJ", "×energy"):
         cell = md_cell(report["md"], "nnUNetTrainerGreen8bit", header)
         assert cell.startswith("—<sup>["), (header, cell)
         assert not re.match(r"0(\.0*)?\b", cell)
     # the footnote carries the reason
     n = re.search(r"\[(\d+)\]", md_cell(report["md"], "nnUNetTrainerGreen8bit", "Energy")).group(1)
-    assert re.search(rf"^\[{n}\] .*RAPL not readable", report["md"], re.M)
+    assert re.search(rf"^\[{n}\] .*RAPL counters .* not readable", report["md"], re.M)
     # no validation/summary.json: Dice falls back to the EMA pseudo Dice and says so
     assert "EMA pseudo Dice" in cpu["dice_source"]
     assert cpu["dice"] == pytest.approx(0.80 - 0.02)
@@ -258,18 +379,77 @@ def test_estimate_is_marked(report):
 
 def test_compressed_table_joins_bench_and_manifests(report, tree):
     rows = {r["name"]: r for r in report["json"]["compression"]["rows"]}
-    assert set(rows) == {"nnUNetTrainerGreenFP32__nnUNetPlans__3d_fullres", "fp32_r0.12", "fp32_r0.25"}
+    assert set(rows) == {"nnUNetTrainerGreenFP32__nnUNetPlans__3d_fullres", "fp32_r0.12", "fp32_r0.25", "fp32_b0.12",
+                         "fp32_b0.12_distilled", "fp32_b0.2_calibrated", "fp32_r0.12_finetuned"}
     r12 = rows["fp32_r0.12"]
     assert r12["rank_ratio"] == 0.12 and r12["compressed"]
+    assert r12["rule"] == "ratio 0.12" and r12["display"]["rule"] == "ratio 0.12"
+    assert r12["kept_fraction"] == pytest.approx(400_000 / DENSE_PARAMS)
     assert r12["params_removed_frac"] == pytest.approx(1 - 400_000 / 2_345_678)
     assert r12["macs_ratio"] == pytest.approx(2 / 9)
     assert r12["speedup"] == pytest.approx(0.200 / 0.080)
     assert r12["agreement_dice"] == pytest.approx(0.93)
     assert r12["decomposition_s"] == pytest.approx(3.5)
     assert r12["source_run"] == "nnUNetTrainerGreenFP32"  # joined by path to the training run
+    assert r12["recovery"] is None and r12["display"]["recovery"] == "none"
     ref = rows["nnUNetTrainerGreenFP32__nnUNetPlans__3d_fullres"]
     assert ref["is_reference"] and ref["display"]["agreement"] == "—"
+    assert ref["display"]["rule"] == "dense" and ref["kept_fraction"] == 1.0
     assert "2.50× speed-up" in report["md"] and "(−82.9%)" in report["md"]
+    # not benchmarked: still a row, from its compression.json
+    cal = rows["fp32_b0.2_calibrated"]
+    assert cal["not_benchmarked"] and cal["rule"] == "budget 0.2 params calibrated"
+    assert cal["kept_fraction"] == pytest.approx(500_000 / DENSE_PARAMS)
+
+
+def test_budgeted_model_shows_its_rule_and_is_plotted(report, tree):
+    rows = {r["name"]: r for r in report["json"]["compression"]["rows"]}
+    b = rows["fp32_b0.12"]
+    assert b["rank_ratio"] is None  # what the compressor writes for budgeted ranks
+    assert b["rule"] == tree["manifests"]["b0.12"].rule_label == "budget 0.12 params"
+    assert b["budget"] == 0.12 and b["budget_cost"] == "params"
+    assert b["display"]["rule"] == "budget 0.12 params" and b["display"]["kept"] == f"{300_000 / DENSE_PARAMS:.3f}"
+    assert "ranks: budgeted ranks: 0.12" in b["footnotes"]["rule"][0]  # the manifest's rank_rule
+    assert "rank ratio not recorded" not in report["md"] and "rule not recorded" not in report["md"]
+    assert re.fullmatch(r"budget 0\.12 params<sup>\[\d+\]</sup>", md_comp_cell(report["md"], "fp32_b0.12", "Rule"))
+    # every compressed model is placed on the kept-fraction axis of both compression figures
+    figs = {f["file"]: f for f in report["json"]["compression"]["figures"]}
+    for name in ("compression_size.png", "compression_dice.png"):
+        data = figs[name]["data"]
+        assert data["x"] == "kept_fraction" and data["left_out"] == []
+        points = {p["model"]: p for p in data["points"]}
+        assert points["fp32_b0.12"]["kept_fraction"] == pytest.approx(300_000 / DENSE_PARAMS)
+        assert points["fp32_b0.12"]["family"] == "budget" and points["fp32_b0.12"]["recovery"] is None
+        assert points["fp32_r0.25"]["family"] == "ratio"
+        assert points["fp32_b0.12_distilled"]["recovery"] == "distilled"
+    size = {p["model"]: p for p in figs["compression_size.png"]["data"]["points"]}
+    assert set(size) == set(rows) - {"nnUNetTrainerGreenFP32__nnUNetPlans__3d_fullres"}
+    assert size["fp32_b0.2_calibrated"]["family"] == "calibrated"
+    assert size["fp32_r0.12_finetuned"]["recovery"] == "fine-tuned"
+    assert size["fp32_b0.12"]["latency_s"] == pytest.approx(0.070)
+    dice = {p["model"]: p for p in figs["compression_dice.png"]["data"]["points"]}
+    assert dice["fp32_b0.12"]["agreement_dice"] == pytest.approx(0.90)
+
+
+def test_recovered_models_show_kind_and_figures(report):
+    rows = {r["name"]: r for r in report["json"]["compression"]["rows"]}
+    d = rows["fp32_b0.12_distilled"]
+    assert d["rule"] == "budget 0.12 params + distilled"
+    rec = d["recovery"]
+    assert rec["kind"] == "distilled" and rec["steps_done"] == 200 and rec["kept_step"] == 150
+    assert (rec["heldout_agreement_before"], rec["heldout_agreement_after"]) == (0.912, 0.968)
+    assert (rec["heldout_rel_error_before"], rec["heldout_rel_error_after"]) == (0.41, 0.22)
+    text = md_comp_cell(report["md"], "fp32_b0.12_distilled", "Recovery")
+    assert text.startswith("distilled, 200 steps (kept step 150)")
+    assert "held-out agreement 0.912 → 0.968" in text and "rel. error 0.410 → 0.220" in text
+    ft = rows["fp32_r0.12_finetuned"]
+    assert ft["rule"] == "ratio 0.12 + fine-tuned" and ft["recovery"]["kind"] == "fine-tuned"
+    # the fine-tune's Dice and energy come from the green_summary.json its record names
+    assert ft["recovery"]["dice"] == pytest.approx(0.835 + 0.01)
+    assert ft["recovery"]["energy_j"] == pytest.approx(200.0 * sum(10.0 * (1.1 if e == 0 else 1) + 0.1 * e
+                                                                   for e in range(EPOCHS)), rel=1e-5)
+    assert md_comp_cell(report["md"], "fp32_r0.12_finetuned", "Recovery") == f"fine-tuned, {EPOCHS} epochs: Dice 0.8450"
+    assert "Recovery: distillation reports its held-out patches" in report["md"]
 
 
 def test_figures_are_real_pngs_and_embedded(report):
@@ -294,12 +474,13 @@ def test_pareto_front():
 
 
 def test_cpu_only_runs_without_energy(tmp_path):
-    """This machine's case: no RAPL, no GPU. Energy figures are skipped with a reason; time per epoch instead."""
+    """No readable RAPL, no GPU (the meter says unavailable). Energy figures are skipped with a reason; time per
+    epoch instead."""
     res = tmp_path / "results"
     write_fold(model_folder(res, "nnUNetTrainerGreenFP32") / "fold_0", "nnUNetTrainerGreenFP32", "fp32", "sgd",
-               device="cpu", source="unavailable", gpu_w=None, epoch_s=100.0)
+               device="cpu", gpu_w=None, epoch_s=100.0)
     write_fold(model_folder(res, "nnUNetTrainerGreenBF16") / "fold_0", "nnUNetTrainerGreenBF16", "bf16", "sgd",
-               device="cpu", source="unavailable", gpu_w=None, epoch_s=80.0, dice=0.8, summary=False)
+               device="cpu", gpu_w=None, epoch_s=80.0, dice=0.8, summary=False)
     out = tmp_path / "rep"
     assert main([str(res), "-o", str(out)]) == 0
     data = json.loads((out / "report.json").read_text())
@@ -344,7 +525,7 @@ def test_bad_input_fails_clearly(tmp_path, make):
         target.write_text('{"format": "something-else"}')
     proc = subprocess.run([str(BIN / "nnunet-green-report"), str(target), "-o", str(tmp_path / "rep")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == EXIT_BAD_INPUT
     assert proc.stderr.startswith("nnunet-green-report: error: ") and str(target) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "rep" / "report.md").exists()
@@ -375,3 +556,163 @@ def test_real_nnunet_fold_folder(trained_fp32, tmp_path):
     else:
         assert row["energy_j"] == pytest.approx(summary["totals"]["energy_j"])
     assert (out / "radar.png").is_file() and (out / "pseudo_dice_per_epoch.png").is_file()
+
+
+def _as_previous_version(folder: Path, recovery: dict | None) -> None:
+    """Rewrite a compression.json with the keys the previous version wrote: no rank_rule/trainer_name/
+    dense_network_class/verification, no budget keys in config, a recovery record without "kind"."""
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    for k in ("rank_rule", "trainer_name", "dense_network_class", "verification"):
+        data.pop(k)
+    for k in ("budget", "budget_cost"):
+        data["config"].pop(k)
+    data["recovery"] = recovery
+    (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=2))
+
+
+def test_previous_version_inputs_render(tmp_path):
+    """compression.json and bench.json of the previous version (no "rule", "kept_fraction", recovery "kind")."""
+    res = tmp_path / "results"
+    fp32 = model_folder(res, "nnUNetTrainerGreenFP32")
+    write_fold(fp32 / "fold_0", "nnUNetTrainerGreenFP32", "fp32", "sgd")
+    comp = tmp_path / "compressed"
+    write_compressed(comp / "old_r0.12_distilled", fp32, 0.12, 400_000, 2_000_000_000)
+    _as_previous_version(comp / "old_r0.12_distilled", distillation(kind=None))
+    write_compressed(comp / "old_r0.25_ft", fp32, 0.25, 900_000, 3_500_000_000)
+    _as_previous_version(comp / "old_r0.25_ft", {"method": "finetune", "epochs": 3, "fold": 0,
+                                                 "metering": f"fold_0/{GREEN_SUMMARY_FILE}"})  # not there: a warning
+    write_compressed(comp / "old_budget", fp32, None, 300_000, 1_500_000_000, budget=0.12)
+    bench = write_bench(tmp_path / "bench_out", fp32, [(comp / "old_r0.12_distilled", 400_000, 2_000_000_000, 0.08,
+                                                        0.95),
+                                                       (comp / "old_budget", 300_000, 1_500_000_000, 0.07, 0.9)],
+                        new_keys=False)
+    assert "rule" not in json.loads(bench.read_text())["models"][1]
+    out = tmp_path / "rep"
+    assert main([str(res), str(comp / "old_r0.12_distilled"), str(comp / "old_r0.25_ft"), str(bench),
+                 "-o", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in data["compression"]["rows"]}
+    d = rows["old_r0.12_distilled"]
+    assert d["rule"] == "ratio 0.12 + distilled" and d["recovery"]["kind"] == "distilled"
+    assert "held-out agreement 0.912 → 0.968" in d["display"]["recovery"]
+    assert d["kept_fraction"] == pytest.approx(400_000 / DENSE_PARAMS)
+    ft = rows["old_r0.25_ft"]
+    assert ft["rule"] == "ratio 0.25 + fine-tuned" and ft["display"]["recovery"] == "fine-tuned, 3 epochs"
+    assert any("old_r0.25_ft" in w and "fold_0/green_summary.json" in w for w in data["warnings"])
+    # a budgeted model whose compression.json was not given and a bench without "rule": a dash with the reason,
+    # and still placed on the kept-fraction axis from the bench's parameter counts
+    b = rows["old_budget"]
+    assert b["rule"] is None and b["display"]["rule"] == "—"
+    assert "rule not recorded" in b["footnotes"]["rule"][0]
+    assert b["kept_fraction"] == pytest.approx(300_000 / DENSE_PARAMS)
+    figs = {f["file"]: f["data"] for f in data["compression"]["figures"]}
+    for name in ("compression_size.png", "compression_dice.png"):
+        assert {p["model"] for p in figs[name]["points"]} >= {"old_r0.12_distilled", "old_budget"}
+    assert {p["model"]: p for p in figs["compression_size.png"]["points"]}["old_budget"]["family"] == "other"
+
+
+def test_recovery_of_several_folds_is_their_mean(tmp_path):
+    """distill_model_folder writes {fold_X: value} for each figure when it distilled several folds."""
+    from nnunet_green.report.collect import Compressed, recovery_figures
+    from nnunet_green.report.tables import fmt_recovery
+    rec = distillation()
+    for k, (a, b) in {"heldout_agreement_before": (0.90, 0.92), "heldout_agreement_after": (0.96, 0.98),
+                      "steps_done": (200, 100)}.items():
+        rec[k] = {"fold_0": a, "fold_1": b}
+    m = write_compressed(tmp_path / "c", tmp_path / "dense", 0.12, 400_000, 2_000_000_000, recovery=rec)
+    warnings: list[str] = []
+    fig = recovery_figures(Compressed(tmp_path / "c", m), warnings)
+    assert fig["heldout_agreement_before"] == pytest.approx(0.91) and fig["steps_done"] == pytest.approx(150)
+    assert fig["folds_averaged"] == 2 and fig["heldout_rel_error_after"] == 0.22 and warnings == []
+    text = fmt_recovery(fig)
+    assert text.startswith("distilled, 150 steps") and "agreement 0.910 → 0.970" in text
+    assert text.endswith("mean of 2 folds")
+
+
+def _valid_fold(tmp_path) -> Path:
+    fold = model_folder(tmp_path / "results", "nnUNetTrainerGreenFP32") / "fold_0"
+    write_fold(fold, "nnUNetTrainerGreenFP32", "fp32", "sgd", epoch_s=50.0)
+    return fold
+
+
+def run_report(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI in this process (a subprocess costs seconds here); stdout/stderr as the console shows them."""
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+@pytest.mark.parametrize("case", ["manifest_other_format", "summary_foreign", "log_foreign"])
+def test_foreign_file_in_a_folder_is_a_warning_naming_it(tmp_path, capsys, case):
+    fold = _valid_fold(tmp_path)
+    if case == "manifest_other_format":
+        bad = tmp_path / "compressed" / "m"
+        write_compressed(bad, fold.parent, 0.12, 400_000, 2_000_000_000)
+        data = json.loads((bad / MANIFEST_FILE).read_text())
+        (bad / MANIFEST_FILE).write_text(json.dumps({**data, "format": "nnunet-green-compression/0"}))
+        bad = bad / MANIFEST_FILE
+    elif case == "summary_foreign":
+        bad = fold / GREEN_SUMMARY_FILE
+        bad.write_text(json.dumps({"format": "someone-else/3", "energy": 12}))
+    else:
+        bad = fold / GREEN_LOG_FILE
+        bad.write_text("step,loss\n0,0.5\n1,0.4\n")
+    proc = run_report(capsys, tmp_path, "-o", tmp_path / "rep")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warning = next(ln for ln in proc.stderr.splitlines() if ln.startswith("warning: ") and str(bad) in ln)
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    (row,) = data["training"]["rows"]
+    if case == "manifest_other_format":
+        assert "'nnunet-green-compression/0'" in warning and "left out" in warning
+        assert data["compression"]["rows"] == []
+    elif case == "summary_foreign":
+        assert "someone-else/3" in warning and f"from {GREEN_LOG_FILE}" in warning
+        log = [float(r.split(",")[LOG_COLUMNS.index("epoch_s")]) for r in
+               (fold / GREEN_LOG_FILE).read_text().splitlines()[1:]]
+        assert row["time_s"] == pytest.approx(sum(log)) and row["precision"] is None
+    else:
+        assert "no 'epoch' column" in warning
+        summary = json.loads((fold / GREEN_SUMMARY_FILE).read_text())
+        assert row["time_s"] == pytest.approx(summary["totals"]["time_s"])
+        assert "pseudo_dice_per_epoch.png" not in {f["file"] for f in data["training"]["figures"]}
+
+
+@pytest.mark.parametrize("case", ["manifest_lacks_keys", "manifest_wrong_type", "bench_models_not_a_list",
+                                  "summary_other_format", "only_unreadable_manifest"])
+def test_unreadable_record_named_on_the_command_line_is_one_error(tmp_path, capsys, case):
+    comp = tmp_path / "compressed" / "m"
+    write_compressed(comp, tmp_path / "dense", 0.12, 400_000, 2_000_000_000)
+    data = json.loads((comp / MANIFEST_FILE).read_text())
+    target, expect = comp / MANIFEST_FILE, None
+    if case == "manifest_lacks_keys":
+        del data["totals"], data["layers"]
+        (comp / MANIFEST_FILE).write_text(json.dumps(data))
+        expect = "compression.json lacks layers, totals"
+    elif case == "manifest_wrong_type":
+        (comp / MANIFEST_FILE).write_text(json.dumps({**data, "config": [0.12]}))
+        expect = "key 'config' is list, expected an object"
+    elif case == "bench_models_not_a_list":
+        target = tmp_path / "b" / BENCH_FILE
+        target.parent.mkdir()
+        target.write_text(json.dumps({"format": BENCH_FORMAT, "models": {"a": 1}}))
+        expect = "key 'models' is dict, expected a list"
+    elif case == "summary_other_format":
+        target = _valid_fold(tmp_path) / GREEN_SUMMARY_FILE
+        target.write_text(json.dumps({**json.loads(target.read_text()), "format": "nnunet-green-summary/0"}))
+        expect = "'nnunet-green-summary/0'"
+    else:
+        (comp / MANIFEST_FILE).write_text(json.dumps({**data, "format": "nnunet-green-compression/9"}))
+        target, expect = tmp_path / "compressed", "skipped: "
+    proc = run_report(capsys, target, "-o", tmp_path / "rep")
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stderr.startswith("nnunet-green-report: error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert str(target if case != "only_unreadable_manifest" else comp / MANIFEST_FILE) in proc.stderr
+    assert expect in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_help_lists_exit_codes():
+    proc = subprocess.run([str(BIN / "nnunet-green-report"), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and EXIT_CODES_HELP in " ".join(proc.stdout.split())

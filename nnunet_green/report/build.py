@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_green import __version__
+from nnunet_green.contract import BENCH_FILE, GREEN_LOG_FILE, GREEN_SUMMARY_FILE, MANIFEST_FILE
 from nnunet_green.report import plots
 from nnunet_green.report.collect import Inputs, discover
 from nnunet_green.report.tables import Table, compression_records, compression_table, training_table
@@ -18,7 +19,7 @@ FORMAT = "nnunet-green-report/1"
 class Section:
     title: str
     table: Table | None
-    figures: list[dict] = field(default_factory=list)   # {"file", "caption", "title"}
+    figures: list[dict] = field(default_factory=list)   # {"file", "caption", "title"[, "data"]}
     skipped: list[dict] = field(default_factory=list)   # {"figure", "reason"}
     empty_reason: str | None = None
 
@@ -36,8 +37,9 @@ class Report:
 def _figures(section: Section, specs, data, out: Path) -> None:
     for title, fn in specs:
         try:
-            name, caption = fn(data, out)
-            section.figures.append({"file": name, "title": title, "caption": caption})
+            name, caption, *points = fn(data, out)
+            section.figures.append({"file": name, "title": title, "caption": caption,
+                                    **({"data": points[0]} if points else {})})
         except plots.Skip as e:
             section.skipped.append({"figure": title, "reason": str(e)})
 
@@ -53,13 +55,13 @@ def build(paths, out_dir, title: str | None = None) -> Report:
     if inputs.settings:
         _figures(train, plots.TRAINING, inputs.settings, out)
     else:
-        train.empty_reason = "No training runs (green_log.csv / green_summary.json) among the inputs."
+        train.empty_reason = f"No training runs ({GREEN_LOG_FILE} / {GREEN_SUMMARY_FILE}) among the inputs."
     records = compression_records(inputs)
     comp = Section("Compressed models", compression_table(records))
     if records:
         _figures(comp, plots.COMPRESSION, records, out)
     else:
-        comp.empty_reason = "No compressed model folders (compression.json) or bench.json among the inputs."
+        comp.empty_reason = f"No compressed model folders ({MANIFEST_FILE}) or {BENCH_FILE} among the inputs."
 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     report = Report(title or "nnunet-green report", created, [str(Path(p).resolve()) for p in paths],

@@ -1,8 +1,9 @@
 """Find the report's inputs below the given paths and read them into records.
 
 Inputs: nnU-Net fold folders (`green_log.csv` / `green_summary.json`), model folders (their `fold_*` children),
-compressed model folders (`compression.json`) and benchmark results (`bench.json`). Nothing here imports torch:
-the report must run on a laptop that only has the result folders.
+compressed model folders (`compression.json`) and benchmark results (`bench.json`), read through the records and
+names of `nnunet_green.contract` (the writers use the same). Nothing here imports torch: the report must run on a
+laptop that only has the result folders.
 """
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOG, SUMMARY, MANIFEST, BENCH = "green_log.csv", "green_summary.json", "compression.json", "bench.json"
-BENCH_FORMAT, MANIFEST_FORMAT = "nnunet-green-bench/1", "nnunet-green-compression/1"
-BASELINE_TRAINER = "nnUNetTrainerGreenFP32"
+from nnunet_green.contract import (BASELINE_TRAINER, BENCH_FILE, BENCH_FORMAT, GREEN_LOG_FILE, GREEN_SUMMARY_FILE,
+                                   LOG_COLUMNS, MANIFEST_FILE, BenchResult, CompressionManifest, GreenError,
+                                   SchemaError, TrainingSummary)
+
 FOLD_DIR = re.compile(r"fold_(\d+|all)$")
 # Folders that never hold inputs but can be large (nnU-Net predictions, caches).
 _PRUNE = {"__pycache__", "predictions", "validation", ".git"}
+_TEXT_COLUMNS = {"energy_source"}  # green_log.csv columns that are not numbers
 
 
-class ReportError(Exception):
-    """An input problem the user must fix; the CLI prints it and exits non-zero."""
+class ReportError(GreenError):
+    """An input problem the user must fix; the CLI prints it and exits with contract.EXIT_BAD_INPUT."""
 
 
 @dataclass
@@ -52,13 +55,13 @@ class Setting:
 @dataclass
 class Compressed:
     folder: Path
-    manifest: dict
+    manifest: CompressionManifest
 
 
 @dataclass
 class Bench:
     path: Path
-    data: dict
+    result: BenchResult
 
 
 @dataclass
@@ -71,11 +74,14 @@ class Inputs:
 
 # --- discovery -----------------------------------------------------------------------------------------------------
 def discover(paths) -> Inputs:
+    """Every input below `paths`, read through the contract records. A record file this version cannot read is an
+    error when it was named on the command line, and a warning naming it (the file is skipped) when found in a
+    folder."""
     if not paths:
         raise ReportError("no input paths given")
     fold_dirs: dict[Path, None] = {}
-    compressed: dict[Path, None] = {}
-    benches: dict[Path, None] = {}
+    compressed: dict[Path, Compressed] = {}
+    benches: dict[Path, Bench] = {}
     warnings: list[str] = []
     for raw in paths:
         p = Path(raw).expanduser()
@@ -83,43 +89,62 @@ def discover(paths) -> Inputs:
             raise ReportError(f"{raw}: no such file or folder")
         p = p.resolve()
         before = len(fold_dirs) + len(compressed) + len(benches)
+        skipped: list[str] = []
         if p.is_file():
-            if p.name in (LOG, SUMMARY):
+            if p.name in (GREEN_LOG_FILE, GREEN_SUMMARY_FILE):
+                if p.name == GREEN_SUMMARY_FILE:
+                    _read_record(TrainingSummary, p)  # named on the command line: unreadable is an error
                 fold_dirs[p.parent] = None
-            elif p.name == MANIFEST:
-                compressed[p.parent] = None
+            elif p.name == MANIFEST_FILE:
+                compressed[p.parent] = Compressed(p.parent, _read_record(CompressionManifest, p))
             elif p.suffix == ".json" and _json_format(p) == BENCH_FORMAT:
-                benches[p] = None
+                benches[p] = Bench(p, _read_record(BenchResult, p))
             else:
                 raise ReportError(f"{raw}: not an input the report reads (expected a {BENCH_FORMAT} JSON file, "
-                                  f"{LOG}, {SUMMARY}, {MANIFEST}, or a folder containing them)")
+                                  f"{GREEN_LOG_FILE}, {GREEN_SUMMARY_FILE}, {MANIFEST_FILE}, or a folder containing "
+                                  "them)")
         else:
-            _walk(p, fold_dirs, compressed, benches, warnings)
+            _walk(p, fold_dirs, compressed, benches, skipped)
+        warnings += skipped
         if len(fold_dirs) + len(compressed) + len(benches) == before:
-            raise ReportError(f"{raw}: found no {LOG}/{SUMMARY} (training runs), {MANIFEST} (compressed models) "
-                              f"or {BENCH} (benchmarks) in it or below it")
+            why = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+            raise ReportError(f"{raw}: found no {GREEN_LOG_FILE}/{GREEN_SUMMARY_FILE} (training runs), "
+                              f"{MANIFEST_FILE} (compressed models) or {BENCH_FILE} (benchmarks) this version can "
+                              f"read in it or below it{why}")
     settings = _settings(list(fold_dirs), warnings)
-    return Inputs(settings=settings,
-                  compressed=[Compressed(f, _read_manifest(f, warnings)) for f in compressed],
-                  benches=[Bench(b, json.loads(b.read_text())) for b in benches],
+    return Inputs(settings=settings, compressed=list(compressed.values()), benches=list(benches.values()),
                   warnings=warnings)
 
 
-def _walk(root: Path, fold_dirs, compressed, benches, warnings) -> None:
+def _read_record(cls, path: Path):
+    """contract record from `path`; SchemaError (not found, not JSON, other format, keys missing) -> ReportError."""
+    try:
+        return cls.read(path)
+    except SchemaError as e:
+        raise ReportError(str(e)) from None
+
+
+def _walk(root: Path, fold_dirs, compressed, benches, skipped) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         files = set(filenames)
-        if BENCH in files:
-            fmt = _json_format(here / BENCH)
-            if fmt == BENCH_FORMAT:
-                benches[here / BENCH] = None
+        if BENCH_FILE in files:
+            fmt = _json_format(here / BENCH_FILE)
+            if fmt != BENCH_FORMAT:
+                skipped.append(f"{here / BENCH_FILE}: format {fmt!r}, this version reads {BENCH_FORMAT!r}; ignored")
             else:
-                warnings.append(f"{here / BENCH}: format {fmt!r}, not {BENCH_FORMAT}; ignored")
-        if MANIFEST in files:
-            compressed[here] = None
-            dirnames[:] = []  # its fold_* hold only checkpoints
+                try:
+                    benches[here / BENCH_FILE] = Bench(here / BENCH_FILE, BenchResult.read(here / BENCH_FILE))
+                except SchemaError as e:
+                    skipped.append(f"{e}; ignored")
+        if MANIFEST_FILE in files:
+            try:
+                compressed[here] = Compressed(here, CompressionManifest.read(here / MANIFEST_FILE))
+            except SchemaError as e:
+                skipped.append(f"{e}; this compressed model is left out")
+            dirnames[:] = []  # its fold_* hold only checkpoints (and a fine-tune's metering, read from its record)
             continue
-        if LOG in files or SUMMARY in files:
+        if GREEN_LOG_FILE in files or GREEN_SUMMARY_FILE in files:
             fold_dirs[here] = None
             dirnames[:] = []  # validation/ etc. hold nothing for us
             continue
@@ -134,29 +159,41 @@ def _json_format(path: Path):
     return data.get("format") if isinstance(data, dict) else None
 
 
-def _read_manifest(folder: Path, warnings) -> dict:
-    try:
-        data = json.loads((folder / MANIFEST).read_text())
-    except ValueError as e:
-        raise ReportError(f"{folder / MANIFEST}: not valid JSON ({e})") from None
-    if data.get("format") != MANIFEST_FORMAT:
-        warnings.append(f"{folder / MANIFEST}: format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
-    return data
-
-
 # --- training runs -------------------------------------------------------------------------------------------------
-def read_fold(folder: Path) -> FoldRun:
+def read_fold(folder: Path, warnings: list[str] | None = None) -> FoldRun:
+    """green_summary.json (as a TrainingSummary) and green_log.csv of one fold folder. A summary this version
+    cannot read is left out with a warning (totals then come from the log); log columns are matched by their
+    contract names, so a log of another version gives the values it has and a warning for the columns it lacks."""
+    warnings = [] if warnings is None else warnings
     summary = {}
-    if (folder / SUMMARY).is_file():
+    if (folder / GREEN_SUMMARY_FILE).is_file():
         try:
-            summary = json.loads((folder / SUMMARY).read_text())
-        except ValueError as e:
-            raise ReportError(f"{folder / SUMMARY}: not valid JSON ({e})") from None
+            summary = TrainingSummary.read(folder / GREEN_SUMMARY_FILE).to_json()
+        except SchemaError as e:
+            warnings.append(f"{e}; ignored, totals computed from {GREEN_LOG_FILE}")
     epochs = []
-    if (folder / LOG).is_file():
-        with open(folder / LOG, newline="") as f:
-            for row in csv.DictReader(f):
-                epochs.append({k: (v if k == "energy_source" else number(v)) for k, v in row.items() if k})
+    log = folder / GREEN_LOG_FILE
+    if log.is_file():
+        try:
+            with open(log, newline="") as f:
+                reader = csv.DictReader(f)
+                header = [h for h in (reader.fieldnames or []) if h]
+                known = [c for c in LOG_COLUMNS if c in header]
+                if "epoch" not in known:
+                    warnings.append(f"{log}: no 'epoch' column (columns: {', '.join(header) or 'none'}), not a "
+                                    f"{GREEN_LOG_FILE} this version reads; ignored")
+                else:
+                    lacking = [c for c in LOG_COLUMNS if c not in header]
+                    if lacking:
+                        warnings.append(f"{log}: lacks column(s) {', '.join(lacking)} (written by another "
+                                        "version?); those values are shown as missing")
+                    for row in reader:
+                        epochs.append({k: (row.get(k) or None if k in _TEXT_COLUMNS else number(row.get(k)))
+                                       for k in known})
+                    epochs = [r for r in epochs if r["epoch"] is not None]
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            warnings.append(f"{log}: cannot read ({e}); ignored")
+            epochs = []
     return FoldRun(folder, summary, epochs)
 
 
@@ -177,7 +214,7 @@ def _settings(fold_dirs: list[Path], warnings) -> list[Setting]:
         groups.setdefault(d.parent if FOLD_DIR.match(d.name) else d, []).append(d)
     settings = []
     for folder, dirs in groups.items():
-        folds = [read_fold(d) for d in sorted(dirs, key=lambda d: _fold_key(d.name))]
+        folds = [read_fold(d, warnings) for d in sorted(dirs, key=lambda d: _fold_key(d.name))]
         s = Setting(name=_trainer_name(folder, folds), folder=folder, folds=folds)
         aggregate(s, warnings)
         settings.append(s)
@@ -241,7 +278,7 @@ def _fold_dice(f: FoldRun):
     if vs.is_file():  # summary missing or older than the final validation
         try:
             v = number(_get(json.loads(vs.read_text()), "foreground_mean", "Dice"))
-        except ValueError:
+        except (OSError, ValueError):
             v = None
         if v is not None:
             return v, "final validation mean foreground Dice"
@@ -249,6 +286,11 @@ def _fold_dice(f: FoldRun):
     if log:
         return log[-1], "last-epoch pseudo Dice (online validation)"
     return None, None
+
+
+def fold_dice(f: FoldRun):
+    """(Dice, which Dice it is) of one fold run; (None, None) when none is recorded."""
+    return _fold_dice(f)
 
 
 def _fold_total(f: FoldRun, key: str, column: str | None = None, how=sum):
@@ -294,7 +336,8 @@ def aggregate(s: Setting, warnings) -> None:
     n = len(folds)
     where = (lambda f: f"fold {f.fold}") if n > 1 else (lambda f: "")
     no_summary = not any(f.summary for f in folds)
-    not_recorded = f"no {SUMMARY} (run unfinished?)" if no_summary else f"not recorded in {SUMMARY}"
+    not_recorded = (f"no {GREEN_SUMMARY_FILE} (run unfinished?)" if no_summary
+                    else f"not recorded in {GREEN_SUMMARY_FILE}")
     v["trainer"] = _trainer_name(s.folder, folds)
     v["folds"] = n
     v["fold_names"] = [f.fold for f in folds]
@@ -313,7 +356,7 @@ def aggregate(s: Setting, warnings) -> None:
         vals = [_fold_total(f, key, column) for f in folds]
         if all(x is None for x in vals):
             v[key] = None
-            why[key] = reason(folds[0]) if reason else f"not recorded in {SUMMARY} or {LOG}"
+            why[key] = reason(folds[0]) if reason else f"not recorded in {GREEN_SUMMARY_FILE} or {GREEN_LOG_FILE}"
         elif any(x is None for x in vals):
             v[key] = None
             lacking = ", ".join(where(f) for f, x in zip(folds, vals) if x is None)
@@ -333,7 +376,7 @@ def aggregate(s: Setting, warnings) -> None:
         if not vals:
             dev = v.get("device")
             why[key] = (f"CPU run (device {dev}): no GPU memory" if key.startswith("gpu") and dev
-                        and not dev.startswith("cuda") else f"not recorded in {SUMMARY} or {LOG}")
+                        and not dev.startswith("cuda") else f"not recorded in {GREEN_SUMMARY_FILE} or {GREEN_LOG_FILE}")
     sources = [_energy_source(f) for f in folds]
     v["energy_source"] = "/".join(sorted({x for x in sources if x})) or None
     s.energy_estimated = any(x and "estimate" in x for x in sources)
@@ -374,7 +417,7 @@ def aggregate(s: Setting, warnings) -> None:
     if skipped:
         warnings.append(f"{s.name}: {skipped} optimizer steps skipped for non-finite loss/gradients")
     if no_summary:
-        warnings.append(f"{s.folder}: no {SUMMARY}; totals computed from {LOG} (run unfinished?)")
+        warnings.append(f"{s.folder}: no {GREEN_SUMMARY_FILE}; totals computed from {GREEN_LOG_FILE} (run unfinished?)")
 
 
 def epoch_series(s: Setting, column: str):
@@ -385,3 +428,49 @@ def epoch_series(s: Setting, column: str):
                          if r.get("epoch") is not None and r.get(column) is not None})
     common = sorted(set.intersection(*(set(d) for d in per_fold))) if per_fold else []
     return common, [sum(d[e] for d in per_fold) / len(per_fold) for e in common]
+
+
+# --- recovery after compression ------------------------------------------------------------------------------------
+def _fold_mean(value):
+    """A per-fold value ({fold_X: v} with several folds, else v) as (mean, number of folds); (None, 0) if absent."""
+    if isinstance(value, dict):
+        vals = [number(v) for v in value.values()]
+        vals = [v for v in vals if v is not None]
+        return (sum(vals) / len(vals), len(vals)) if vals else (None, 0)
+    v = number(value)
+    return (v, 1) if v is not None else (None, 0)
+
+
+def recovery_figures(c: Compressed, warnings: list[str]) -> dict | None:
+    """The recovery record of a compressed folder as flat figures: kind, steps, held-out agreement/error
+    before -> after (distillation), epochs and Dice (fine-tune, from its fold's green_summary.json), cost.
+    Keys a record of an older version lacks are None; None when the folder had no recovery."""
+    m = c.manifest
+    rec = m.recovery if isinstance(m.recovery, dict) and m.recovery else None
+    if rec is None:
+        return None
+    out = {"kind": m.recovery_kind, "method": rec.get("method"), "folds_averaged": 1}
+    for key in ("heldout_agreement_before", "heldout_agreement_after", "heldout_rel_error_before",
+                "heldout_rel_error_after", "steps_done", "kept_step", "seconds", "energy_j"):
+        out[key], n = _fold_mean(rec.get(key))
+        out["folds_averaged"] = max(out["folds_averaged"], n)
+    out["steps"] = number(rec.get("steps"))
+    out["epochs"] = number(rec.get("epochs"))
+    out["images"] = number(rec.get("images"))
+    out["energy_source"] = rec.get("energy_source") if isinstance(rec.get("energy_source"), str) else None
+    out["dice"] = out["dice_source"] = None
+    metering = rec.get("metering")
+    if isinstance(metering, str) and metering:
+        fold_dir = (c.folder / metering).parent
+        if (fold_dir / GREEN_SUMMARY_FILE).is_file() or (fold_dir / GREEN_LOG_FILE).is_file():
+            run = read_fold(fold_dir, warnings)
+            out["dice"], out["dice_source"] = _fold_dice(run)
+            if out["energy_j"] is None:
+                out["energy_j"] = _fold_total(run, "energy_j")
+                out["energy_source"] = out["energy_source"] or _energy_source(run)
+            if out["seconds"] is None:
+                out["seconds"] = _fold_total(run, "time_s", "epoch_s")
+        else:
+            warnings.append(f"{c.folder / MANIFEST_FILE}: its recovery record names {metering}, which is not in "
+                            "the folder; fine-tune Dice and energy not shown")
+    return out

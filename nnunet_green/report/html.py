@@ -17,6 +17,7 @@ td:first-child, th:first-child { text-align: left; }
 td.est { background: repeating-linear-gradient(45deg, #fff7e0, #fff7e0 4px, #ffe9b3 4px, #ffe9b3 8px);
          font-style: italic; }
 td.missing { color: #888; text-align: center; }
+td.long { white-space: normal; min-width: 18em; text-align: left; }
 .notes { font-size: 0.8em; color: #444; }
 .warn { background: #fff3f3; border-left: 4px solid #c33; padding: 0.4em 0.8em; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
@@ -35,7 +36,7 @@ def table_html(t: Table) -> str:
         tds = []
         for key, _ in t.columns:
             c = row[key]
-            cls = "est" if c.estimate else "missing" if c.text == "—" else ""
+            cls = "est" if c.estimate else "missing" if c.text == "—" else "long" if len(c.text) > 40 else ""
             marks = "".join(f'<sup><a href="#{_anchor(t, n)}">[{n}]</a></sup>' for n in c.notes)
             attr = f' class="{cls}"' if cls else ""
             tds.append(f"<td{attr}>{_e(c.text)}{marks}</td>")

@@ -1,5 +1,6 @@
 """The report's figures (PNG, matplotlib Agg). Each function writes one file and returns (file name, caption), or
-raises `Skip(reason)` when its data is absent, so the report says why instead of showing an empty plot."""
+raises `Skip(reason)` when its data is absent, so the report says why instead of showing an empty plot. The
+compression figures also return the points they drew (report.json keeps them beside the figure)."""
 from __future__ import annotations
 
 import math
@@ -12,8 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from nnunet_green.contract import BENCH_FILE, GREEN_LOG_FILE  # noqa: E402
 from nnunet_green.report.collect import Setting, epoch_series  # noqa: E402
-from nnunet_green.report.tables import fmt_count, fmt_duration, fmt_mb, memory_metric  # noqa: E402
+from nnunet_green.report.tables import DENSE_RULE, fmt_count, fmt_duration, fmt_mb, memory_metric  # noqa: E402
 
 DPI = 120
 
@@ -141,7 +143,7 @@ def per_epoch_cost(settings: list[Setting], out: Path) -> tuple[str, str]:
         _plot_per_epoch(ax, settings, "epoch_s", col)
         if not ax.lines:
             plt.close(fig)
-            raise Skip("no per-epoch energy or time in any green_log.csv")
+            raise Skip(f"no per-epoch energy or time in any {GREEN_LOG_FILE}")
         ax.set_ylabel("time per epoch (s)")
         ax.set_title("Time per epoch (no run has energy measurements)")
         foot = []
@@ -178,7 +180,7 @@ def pseudo_dice(settings: list[Setting], out: Path) -> tuple[str, str]:
     _plot_per_epoch(ax, settings, "pseudo_dice", col)
     if not ax.lines:
         plt.close(fig)
-        raise Skip("no pseudo Dice in any green_log.csv")
+        raise Skip(f"no pseudo Dice in any {GREEN_LOG_FILE}")
     ax.set_ylabel("pseudo Dice (online validation, mean fg)")
     ax.set_title("Validation pseudo Dice per epoch")
     _finish_per_epoch(ax, settings)
@@ -262,20 +264,50 @@ def pareto(settings: list[Setting], out: Path) -> tuple[str, str]:
 
 
 # --- compression figures -------------------------------------------------------------------------------------------
+# Every compressed model sits on one x axis, the fraction of the dense model's parameters it keeps, whatever rule
+# chose its ranks; the marker says the rule, and a recovered (distilled / fine-tuned) model has its own marker.
+FAMILIES = {"ratio": ("o", "uniform rank ratio"), "budget": ("s", "rank budget"),
+            "calibrated": ("D", "calibrated ranks"), "other": ("^", "rule not recorded / other")}
+RECOVERED = {"distilled": ("*", "+ distilled"), "fine-tuned": ("P", "+ fine-tuned")}
+_OTHER_RECOVERY = ("X", "+ recovered")
+
+
+def rule_family(rule: str | None) -> tuple[str, str | None]:
+    """('ratio' | 'budget' | 'calibrated' | 'other', recovery kind or None) of a rule label such as
+    'budget 0.12 params calibrated + distilled'."""
+    base, _, recovered = (rule or "").partition(" + ")
+    fam = ("calibrated" if "calibrated" in base else "budget" if base.startswith("budget")
+           else "ratio" if base.startswith("ratio") else "other")
+    return fam, (recovered.strip() or None)
+
+
+def _marker(rule):
+    fam, rec = rule_family(rule)
+    return RECOVERED.get(rec, _OTHER_RECOVERY)[0] if rec else FAMILIES[fam][0]
+
+
+def _is_dense(r: dict) -> bool:
+    return r.get("rule") == DENSE_RULE or (not r["compressed"] and bool(r.get("is_reference")))
+
+
 def _groups(records, key):
-    """Series per source model (and bench): compressed points sorted by rank ratio, plus the uncompressed value."""
+    """Per source model (and bench): the compressed models with a kept fraction and a value for `key`, sorted by
+    kept fraction, plus the dense value."""
     out = {}
     for r in records:
         if r.get(key) is None:
             continue
-        src = r.get("path") if not r["compressed"] else r.get("source_path")
+        dense = _is_dense(r)
+        if not dense and r.get("kept_fraction") is None:
+            continue
+        src = r.get("path") if dense else r.get("source_path")
         g = out.setdefault((src, r.get("bench")), {"points": [], "ref": None, "name": None})
-        if r["compressed"] and r["rank_ratio"] is not None:
-            g["points"].append((r["rank_ratio"], r[key]))
-        elif not r["compressed"]:
+        if dense:
             g["ref"], g["name"] = r[key], r["name"]
+        else:
+            g["points"].append((r["kept_fraction"], r[key], r))
     for g in out.values():
-        g["points"].sort()
+        g["points"].sort(key=lambda p: p[0])
     return {k: g for k, g in out.items() if g["points"]}
 
 
@@ -285,79 +317,145 @@ def _series_label(src, bench, g, n):
     return f"from {g['name'] or (Path(src).name if src else '?')}" + (f" [{Path(bench).parent.name}]" if bench else "")
 
 
-def compression_size(records: list[dict], out: Path) -> tuple[str, str]:
-    if not any(r["compressed"] and r["rank_ratio"] is not None for r in records):
-        raise Skip("no compressed model folders with a rank ratio")
+def _draw_points(ax, g, color, scale, label, annotate):
+    """Uniform-ratio models without recovery joined by a line (one series); every model marked by its rule. The
+    series is one legend entry (its colour); the markers' meaning is in _rule_legend."""
+    uniform = [(x, y) for x, y, r in g["points"] if rule_family(r.get("rule")) == ("ratio", None)]
+    if len(uniform) > 1:
+        ax.plot([x for x, _ in uniform], [y * scale for _, y in uniform], "-", color=color, lw=1.2, zorder=2)
+    ax.plot([], [], "-", color=color, lw=4, label=label)
+    at: dict[tuple, list[str]] = {}  # models of the same size share a point: one label listing them
+    for x, y, r in g["points"]:
+        marker = _marker(r.get("rule"))
+        ax.plot([x], [y * scale], marker, color=color, ms=10 if marker == "*" else 6.5, mec="black", mew=0.5,
+                ls="none", zorder=3)
+        at.setdefault((round(x, 4), round(y * scale, 9)), []).append(r.get("rule") or r["name"])
+    if annotate:
+        for (x, y), texts in at.items():
+            ax.annotate("\n".join(dict.fromkeys(texts)), (x, y), textcoords="offset points", xytext=(5, 3),
+                        fontsize=6.5, color="0.25", va="bottom")
+
+
+def _rule_legend(points) -> list:
+    """Legend entries (grey) for the rules and recoveries among the drawn points."""
+    present = [(p["family"], p["recovery"]) for p in points]
+    handles = []
+    for fam, (marker, text) in FAMILIES.items():
+        if any(f == fam for f, _ in present):
+            handles.append(Line2D([], [], marker=marker, color="0.4", ls="none", mec="black", mew=0.5, label=text))
+    for rec in sorted({r for _, r in present if r}):
+        marker, text = RECOVERED.get(rec, (_OTHER_RECOVERY[0], f"+ {rec}"))
+        handles.append(Line2D([], [], marker=marker, color="0.4", ls="none", mec="black", mew=0.5,
+                              ms=10 if marker == "*" else 6.5, label=text))
+    return handles
+
+
+def _points_data(records, keys) -> tuple[list[dict], list[dict]]:
+    """(points drawn, compressed models left out with the reason) for report.json."""
+    drawn, left = [], []
+    for r in records:
+        if _is_dense(r):
+            continue
+        if r.get("kept_fraction") is None:
+            left.append({"model": r["name"], "rule": r.get("rule"), "reason": "parameter count not recorded"})
+            continue
+        if all(r.get(k) is None for k in keys):
+            continue
+        fam, rec = rule_family(r.get("rule"))
+        drawn.append({"model": r["name"], "rule": r.get("rule"), "family": fam, "recovery": rec,
+                      "kept_fraction": r["kept_fraction"], **{k: r.get(k) for k in keys}})
+    return drawn, left
+
+
+def compression_size(records: list[dict], out: Path) -> tuple[str, str, dict]:
+    if not any(not _is_dense(r) and r.get("kept_fraction") is not None for r in records):
+        raise Skip("no compressed model with a parameter count (kept fraction)")
     # uncompressed size from the manifest's "before" when the reference is not benchmarked
     recs = list(records)
     for r in records:
         if r["compressed"] and r.get("params_before") is not None and not any(
-                not x["compressed"] and x.get("path") == r.get("source_path") for x in records):
-            recs.append({"name": "uncompressed", "path": r.get("source_path"), "compressed": False, "rank_ratio": None,
-                         "bench": r.get("bench"), "params_after": r["params_before"],
-                         "macs_after": r.get("macs_before"), "latency_s": None})
+                _is_dense(x) and x.get("path") == r.get("source_path") for x in recs):
+            recs.append({"name": "uncompressed", "path": r.get("source_path"), "compressed": False,
+                         "rule": DENSE_RULE, "kept_fraction": 1.0, "bench": r.get("bench"),
+                         "params_after": r["params_before"], "macs_after": r.get("macs_before"), "latency_s": None})
     panels = [("params_after", "parameters", "Parameters", 1), ("macs_after", "MACs per patch", "MACs per patch", 1),
               ("latency_s", "latency (ms, median)", "Latency (median forward)", 1000)]
     panels = [p for p in panels if _groups(recs, p[0])]
-    fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.9), squeeze=False)
+    fig, axs = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.1), squeeze=False)
     for ax, (key, label, title, scale) in zip(axs[0], panels):
         groups = _groups(recs, key)
         for i, ((src, bench), g) in enumerate(groups.items()):
             c = plt.get_cmap("tab10")(i)
-            ax.plot([x for x, _ in g["points"]], [y * scale for _, y in g["points"]], "o-", color=c,
-                    label=_series_label(src, bench, g, len(groups)))
+            _draw_points(ax, g, c, scale, _series_label(src, bench, g, len(groups)), annotate=False)
             if g["ref"] is not None:
                 ax.axhline(g["ref"] * scale, color=c, ls="--", lw=1, label="uncompressed" if len(groups) == 1
                            else f"uncompressed ({g['name']})")
-        ax.set_xlabel("rank ratio")
-        ax.set_xlim(0, 1.02)  # the whole ratio range, so one or two points are placed honestly
+        ax.set_xlabel("parameters kept (fraction of the dense model)")
+        ax.set_xlim(0, 1.02)  # the whole range, so one or two points are placed honestly
         ax.set_ylabel(label)
         # axhline does not take part in autoscaling: leave room above the uncompressed reference line.
-        top = max([y * scale for g in groups.values() for _, y in g["points"]]
+        top = max([y * scale for g in groups.values() for _, y, _ in g["points"]]
                   + [g["ref"] * scale for g in groups.values() if g["ref"] is not None])
-        ax.set_ylim(0, top * 1.12)
+        ax.set_ylim(0, top * 1.15)
         ax.grid(alpha=0.3)
         ax.set_title(title)
         if scale == 1:
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: fmt_count(v) if v else "0"))
-        ax.legend(fontsize=8)
-    fig.suptitle("Compressed model size and speed vs Tucker rank ratio", fontsize=11)
-    if len(panels) < 3:
-        fig.text(0.5, -0.02, "latency not shown: no bench.json lists the compressed folders", ha="center",
-                 fontsize=8)
+    drawn, left = _points_data(records, ("params_after", "macs_after", "latency_s"))
+    # one legend for all panels, below them: series (colour), uncompressed (dashed), rule and recovery (marker)
+    legend: dict[str, object] = {}
+    for ax in axs[0]:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lbl, h)
+    for h in _rule_legend(drawn):
+        legend.setdefault(h.get_label(), h)
+    fig.suptitle("Compressed model size and speed vs parameters kept (markers: rank rule)", fontsize=11)
     fig.tight_layout()
-    return _save(fig, out, "compression_size.png"), ("Parameters, MACs and latency of the compressed models vs "
-                                                     "rank ratio; dashed: the uncompressed model.")
+    fig.legend(list(legend.values()), list(legend), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(4, len(legend)), fontsize=8, frameon=False)
+    if len(panels) < 3:
+        fig.text(0.5, -0.02 - 0.05 * math.ceil(len(legend) / 4), f"latency not shown: no {BENCH_FILE} lists the "
+                 "compressed folders", ha="center", fontsize=8)
+    return (_save(fig, out, "compression_size.png"),
+            "Parameters, MACs and latency of the compressed models vs the fraction of parameters they keep; marker = "
+            "how the ranks were chosen (uniform ratio, budget, calibrated) or recovered (distilled, fine-tuned); "
+            "dashed: the uncompressed model. Each model's rule is in the table.",
+            {"x": "kept_fraction", "points": drawn, "left_out": left})
 
 
-def compression_dice(records: list[dict], out: Path) -> tuple[str, str]:
+def compression_dice(records: list[dict], out: Path) -> tuple[str, str, dict]:
     keys = [(k, lbl) for k, lbl in (("agreement_dice", "agreement Dice (vs reference predictions)"),
                                     ("dice_vs_labels", "Dice vs labels")) if _groups(records, k)]
     if not keys:
         raise Skip("no benchmark with agreement Dice or Dice vs labels for compressed models "
-                   "(bench.json without --images/--labels, or none given)")
-    fig, ax = plt.subplots(figsize=(7, 4.4))
-    markers = {"agreement_dice": "o-", "dice_vs_labels": "s-"}
+                   f"({BENCH_FILE} without --images/--labels, or none given)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for k, lbl in keys:
         groups = _groups(records, k)
         for i, ((src, bench), g) in enumerate(groups.items()):
             c = plt.get_cmap("tab10")(i * 2 + (k == "dice_vs_labels"))
             suffix = "" if len(groups) == 1 else " " + _series_label(src, bench, g, len(groups))
-            ax.plot([x for x, _ in g["points"]], [y for _, y in g["points"]], markers[k], color=c, label=lbl + suffix)
+            _draw_points(ax, g, c, 1, lbl + suffix, annotate=k == keys[0][0])
             if g["ref"] is not None and k == "dice_vs_labels":
                 ax.axhline(g["ref"], color=c, ls="--", lw=1, label=f"Dice vs labels, uncompressed{suffix}")
-    ax.set_xlabel("rank ratio")
+    ax.set_xlabel("parameters kept (fraction of the dense model)")
     ax.set_xlim(0, 1.02)
     ax.set_ylabel("Dice")
-    ax.set_title("Segmentation quality vs Tucker rank ratio")
+    ax.set_title("Segmentation quality vs parameters kept (markers: rank rule)")
     ax.grid(alpha=0.3)
     ax.margins(y=0.2)
-    _legend_below(ax)
-    return _save(fig, out, "compression_dice.png"), ("Agreement Dice with the uncompressed model's predictions "
-                                                     "and Dice vs labels, by rank ratio.")
+    drawn, left = _points_data(records, ("agreement_dice", "dice_vs_labels"))
+    handles, labels = ax.get_legend_handles_labels()
+    rules = _rule_legend(drawn)
+    _legend_below(ax, handles + rules, labels + [h.get_label() for h in rules], ncol=2)
+    return (_save(fig, out, "compression_dice.png"),
+            "Agreement Dice with the uncompressed model's predictions and Dice vs labels, by the fraction of "
+            "parameters kept; marker = rank rule or recovery, as in the size figure; agreement points are labelled "
+            "with their rule.",
+            {"x": "kept_fraction", "points": drawn, "left_out": left})
 
 
 TRAINING = [("Radar plot", radar), ("Energy/time per epoch", per_epoch_cost), ("Pseudo Dice per epoch", pseudo_dice),
             ("Dice per kJ", dice_per_kj), ("Pareto front Dice vs energy", pareto)]
-COMPRESSION = [("Compressed size/speed vs rank ratio", compression_size),
-               ("Compressed Dice vs rank ratio", compression_dice)]
+COMPRESSION = [("Compressed size/speed vs parameters kept", compression_size),
+               ("Compressed Dice vs parameters kept", compression_dice)]

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_green.report.collect import BASELINE_TRAINER, Inputs, Setting, number
+from nnunet_green.contract import BASELINE_TRAINER, BENCH_FILE, MANIFEST_FILE
+from nnunet_green.report.collect import Inputs, Setting, _get, number, recovery_figures
 
 DASH = "—"
 
@@ -194,6 +195,10 @@ def _resolve(p) -> str | None:
         return str(p)
 
 
+DENSE_RULE = "dense"
+NOT_BENCHMARKED = f"not benchmarked: no {BENCH_FILE} among the inputs lists this folder"
+
+
 def compression_records(inputs: Inputs) -> list[dict]:
     """One record per benchmarked model (joined by path to its compression.json and to a training run), plus one
     per compressed folder that no bench.json lists."""
@@ -202,73 +207,141 @@ def compression_records(inputs: Inputs) -> list[dict]:
     records, benched = [], set()
     multi = len(inputs.benches) > 1
     for b in inputs.benches:
-        models = b.data.get("models") or []
-        ref_name = b.data.get("reference")
+        res = b.result
+        models = [m for m in res.models if isinstance(m, dict)]
+        if len(models) < len(res.models):
+            inputs.warnings.append(f"{b.path}: {len(res.models) - len(models)} model row(s) are not JSON objects; "
+                                   "left out")
+        ref_name = res.reference
         ref = next((m for m in models if m.get("name") == ref_name), models[0] if models else None)
-        ref_lat = number(((ref or {}).get("latency_s") or {}).get("median"))
+        ref_lat = number(_get(ref, "latency_s", "median"))
         for m in models:
             path = _resolve(m.get("path"))
             benched.add(path)
             c = manifests.get(path)
-            r = _record(m.get("name") or Path(path or "?").name, path, c, runs)
-            lat = number((m.get("latency_s") or {}).get("median"))
+            r = _record(m.get("name") or Path(path or "?").name, path, c, runs, inputs.warnings)
+            lat = number(_get(m, "latency_s", "median"))
             r.update(bench=str(b.path) if multi else None, is_reference=m is ref, latency_s=lat,
                      speedup=(ref_lat / lat if lat and ref_lat else None),
                      predict_wall_s=number(m.get("predict_wall_s")),
                      agreement_dice=number(m.get("agreement_dice")), dice_vs_labels=number(m.get("dice_vs_labels")),
-                     device=b.data.get("device"), has_labels=bool(b.data.get("labels")) or any(
+                     device=res.device or None, has_labels=bool(res.labels) or any(
                          number(x.get("dice_vs_labels")) is not None for x in models))
             if r["rank_ratio"] is None:
                 r["rank_ratio"] = number(m.get("rank_ratio"))
+            if isinstance(m.get("rule"), str) and m["rule"]:  # the bench's rule wins (it names what was timed)
+                r["rule"], r["rule_from"] = m["rule"], "bench"
             if c is None:  # no manifest: sizes from the bench, relative to its reference
                 r["params_after"], r["macs_after"] = number(m.get("params")), number(m.get("macs"))
                 if ref is not None and m is not ref:
                     r["params_before"], r["macs_before"] = number(ref.get("params")), number(ref.get("macs"))
                 if r["source_path"] is None and ref is not None and m is not ref:
                     r["source_path"] = _resolve(ref.get("path"))
+                if r["rule"] is None:
+                    r["rule"], r["rule_from"] = _rule_without_manifest(m, m is ref, r["rank_ratio"])
+            if number(m.get("kept_fraction")) is not None:
+                r["kept_fraction"] = number(m.get("kept_fraction"))
             records.append(_derive(r))
     for path, c in manifests.items():
         if path not in benched:
-            r = _record(Path(path).name, path, c, runs)
+            r = _record(Path(path).name, path, c, runs, inputs.warnings)
             r.update(bench=None, is_reference=False, latency_s=None, speedup=None, predict_wall_s=None,
                      agreement_dice=None, dice_vs_labels=None, device=None, has_labels=False, not_benchmarked=True)
             records.append(_derive(r))
     return records
 
 
-def _record(name, path, c, runs) -> dict:
-    man = c.manifest if c else {}
-    tot, cfg = man.get("totals") or {}, man.get("config") or {}
-    src = _resolve((man.get("source") or {}).get("path"))
+def _rule_without_manifest(m: dict, is_ref: bool, ratio):
+    """(rule, where from) of a bench row whose compression.json is not among the inputs, written by a bench of an
+    earlier version (no "rule" key)."""
+    if ratio is not None:
+        return f"ratio {ratio:g}", "bench rank_ratio"
+    if is_ref:
+        return DENSE_RULE, "bench reference"
+    return None, None
+
+
+def _record(name, path, c, runs, warnings) -> dict:
+    man = c.manifest if c else None
+    tot, cfg = (man.totals, man.config) if man else ({}, {})
+    src = _resolve(_get(man.source, "path")) if man else None
+    layers = [layer for layer in (man.layers if man else []) if isinstance(layer, dict)]
     return {"name": name, "path": path, "compressed": c is not None, "rank_ratio": number(cfg.get("rank_ratio")),
+            "budget": number(cfg.get("budget")), "budget_cost": cfg.get("budget_cost"),
+            "rule": man.rule_label if man else None, "rule_from": MANIFEST_FILE if man else None,
+            "rank_rule": (man.rank_rule or None) if man else None,
+            "kept_fraction": man.kept_fraction if man else None,
+            "recovery": recovery_figures(c, warnings) if c else None,
             "half": cfg.get("half"), "source_path": src, "source_run": runs.get(src) or runs.get(path),
             "params_before": number(tot.get("params_before")), "params_after": number(tot.get("params_after")),
             "macs_before": number(tot.get("macs_before")), "macs_after": number(tot.get("macs_after")),
-            "decomposition_s": number(tot.get("decomposition_s")), "patch_size": man.get("patch_size"),
-            "factorized_layers": sum(bool(layer.get("factorized")) for layer in man.get("layers") or []),
-            "layers": len(man.get("layers") or [])}
+            "decomposition_s": number(tot.get("decomposition_s")), "patch_size": man.patch_size if man else None,
+            "factorized_layers": sum(bool(layer.get("factorized")) for layer in layers), "layers": len(layers)}
 
 
 def _derive(r: dict) -> dict:
     pb, pa, mb, ma = r["params_before"], r["params_after"], r["macs_before"], r["macs_after"]
     r["params_removed_frac"] = 1 - pa / pb if pa is not None and pb else None
     r["macs_ratio"] = ma / mb if ma is not None and mb else None
+    if r["kept_fraction"] is None:
+        if pa is not None and pb:
+            r["kept_fraction"] = pa / pb
+        elif r.get("is_reference") or (not r["compressed"] and r.get("rule") == DENSE_RULE):
+            r["kept_fraction"] = 1.0
     return r
+
+
+def fmt_recovery(rec: dict) -> str:
+    """'distilled, 200 steps (best at 150): held-out agreement 0.912 → 0.968, rel. error 0.41 → 0.22'."""
+    parts = []
+    steps = rec.get("steps_done") if rec.get("steps_done") is not None else rec.get("steps")
+    head = rec["kind"]
+    if steps is not None:
+        head += f", {steps:.0f} steps"
+        if rec.get("kept_step") is not None and rec["kept_step"] != steps:
+            head += f" (kept step {rec['kept_step']:.0f})"
+    if rec.get("epochs") is not None:
+        head += f", {rec['epochs']:.0f} epochs"
+
+    def arrow(label, a, b, spec):
+        if a is None and b is None:
+            return
+        fa = DASH if a is None else format(a, spec)
+        fb = DASH if b is None else format(b, spec)
+        parts.append(f"{label} {fa} → {fb}")
+
+    arrow("held-out agreement", rec.get("heldout_agreement_before"), rec.get("heldout_agreement_after"), ".3f")
+    arrow("rel. error", rec.get("heldout_rel_error_before"), rec.get("heldout_rel_error_after"), ".3f")
+    if rec.get("dice") is not None:
+        parts.append(f"Dice {rec['dice']:.4f}")
+    if rec.get("folds_averaged", 1) > 1:
+        parts.append(f"mean of {rec['folds_averaged']} folds")
+    return head + (": " + ", ".join(parts) if parts else "")
 
 
 def compression_table(records: list[dict]) -> Table | None:
     if not records:
         return None
-    cols = [("model", "Model"), ("source", "Source run"), ("rank_ratio", "Rank ratio"), ("params", "Params"),
-            ("macs", "MACs"), ("latency", "Latency (median)"), ("agreement", "Agreement Dice"),
-            ("dice_labels", "Dice vs labels"), ("decomp", "Decomposition time")]
+    cols = [("model", "Model"), ("source", "Source run"), ("rule", "Rule"), ("kept", "Params kept"),
+            ("params", "Params"), ("macs", "MACs"), ("latency", "Latency (median)"), ("agreement", "Agreement Dice"),
+            ("dice_labels", "Dice vs labels"), ("recovery", "Recovery"), ("decomp", "Decomposition time")]
     multi = any(r.get("bench") for r in records)
     if multi:
         cols.append(("bench", "Bench"))
     t = Table("Compressed models", cols, [], records)
-    t.remarks.append("Params: % removed vs the uncompressed model. MACs: ratio compressed/uncompressed at the "
-                     "patch size in compression.json (or the bench patch). Latency: median forward pass of one "
-                     "patch; speed-up vs the bench's reference model, measured on the same machine.")
+    t.remarks.append("Rule: how the Tucker ranks were chosen — \"ratio r\": every layer keeps the fraction r of its "
+                     "weights; \"budget b params\" (or macs): per-layer ranks chosen so that the factorizable layers "
+                     "keep at most b of their dense cost; \"calibrated\": ranks chosen on calibration images; "
+                     "\"+ distilled\" / \"+ fine-tuned\": accuracy recovered after compression (see Recovery).")
+    t.remarks.append("Params kept: parameters after ÷ before compression, the x axis of the compression figures, so "
+                     "models of every rule are compared on one scale. Params: % removed vs the uncompressed model. "
+                     f"MACs: ratio compressed/uncompressed at the patch size in {MANIFEST_FILE} (or the bench patch). "
+                     "Latency: median forward pass of one patch; speed-up vs the bench's reference model, measured on "
+                     "the same machine.")
+    if any(r.get("recovery") for r in records):
+        t.remarks.append("Recovery: distillation reports its held-out patches before → after (agreement = share of "
+                         "voxels whose predicted class matches the dense model; rel. error = relative logit error), "
+                         "fine-tuning its epochs and the Dice of its own validation.")
     for r in records:
         c: dict[str, Cell] = {}
 
@@ -278,8 +351,17 @@ def compression_table(records: list[dict]) -> Table | None:
         name = r["name"] + (" (reference)" if r.get("is_reference") else "")
         c["model"] = Cell(name + (" [fp16]" if r.get("half") else ""))
         c["source"] = Cell(r["source_run"] or (Path(r["source_path"]).name if r["source_path"] else DASH))
-        c["rank_ratio"] = (Cell(f"{r['rank_ratio']:g}") if r["rank_ratio"] is not None
-                           else Cell("uncompressed") if not r["compressed"] else dash("rank ratio not recorded"))
+        if r["rule"]:
+            # how a budget chose its ranks (a uniform ratio says it all in its label)
+            detail = r.get("rank_rule") if r["rank_ratio"] is None else None
+            c["rule"] = Cell(r["rule"], [t.notes.ref(f"ranks: {detail}")] if detail else [])
+        elif not r["compressed"] and r.get("is_reference"):
+            c["rule"] = Cell(DENSE_RULE)
+        else:
+            c["rule"] = dash(f"rule not recorded: no {MANIFEST_FILE} among the inputs and a {BENCH_FILE} without "
+                             "\"rule\" (an earlier version)")
+        c["kept"] = (Cell(f"{r['kept_fraction']:.3f}") if r["kept_fraction"] is not None
+                     else dash("parameter count not recorded"))
         if r["params_after"] is None:
             c["params"] = dash("parameter count not recorded")
         else:
@@ -291,7 +373,7 @@ def compression_table(records: list[dict]) -> Table | None:
             extra = f" ({r['macs_ratio']:.2f}×)" if r["macs_ratio"] is not None else ""
             c["macs"] = Cell(fmt_count(r["macs_after"]) + extra)
         if r["latency_s"] is None:
-            c["latency"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+            c["latency"] = dash(NOT_BENCHMARKED)
         else:
             sp = "" if r.get("is_reference") or r["speedup"] is None else f" ({r['speedup']:.2f}× speed-up)"
             c["latency"] = Cell(f"{r['latency_s'] * 1000:.1f} ms{sp}")
@@ -300,15 +382,21 @@ def compression_table(records: list[dict]) -> Table | None:
         elif r.get("is_reference"):
             c["agreement"] = dash("the reference model: agreement Dice is measured against its predictions")
         elif r.get("not_benchmarked"):
-            c["agreement"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+            c["agreement"] = dash(NOT_BENCHMARKED)
         else:
             c["agreement"] = dash("bench run without images (--images): no predictions to compare")
         if r["dice_vs_labels"] is not None:
             c["dice_labels"] = Cell(f"{r['dice_vs_labels']:.4f}")
         elif r.get("not_benchmarked"):
-            c["dice_labels"] = dash("not benchmarked: no bench.json among the inputs lists this folder")
+            c["dice_labels"] = dash(NOT_BENCHMARKED)
         else:
             c["dice_labels"] = dash("bench run without reference labels (--labels)")
+        if r.get("recovery"):
+            c["recovery"] = Cell(fmt_recovery(r["recovery"]))
+        elif r["compressed"]:
+            c["recovery"] = Cell("none")
+        else:
+            c["recovery"] = dash("uncompressed model, or its compression.json is not among the inputs")
         if r["decomposition_s"] is not None:
             c["decomp"] = Cell(fmt_duration(r["decomposition_s"]))
         else:
