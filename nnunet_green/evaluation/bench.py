@@ -141,17 +141,39 @@ def bench(models, out_dir, device: str = "cpu", patch=None, repeats: int = 5, wa
                      "params": sum(t.numel() for t in net.parameters()), "macs": macs, "patch_size": p})
         inputs[name] = torch.randn((1, m.num_input_channels, *p), device=dev, generator=gen.manual_seed(0))
     out_dir = Path(out_dir).absolute()
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _measure(rows, loaded, inputs, dev, repeats, warmup, images, labels, ending, checkpoint, npp, nps,
+                        disable_tta, out_dir, log)
+    except BaseException:  # nothing half-written: what this run created goes again
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for row in rows:
+                shutil.rmtree(out_dir / "predictions" / row["name"], ignore_errors=True)
+        raise
 
+
+def _measure(rows, loaded, inputs, dev, repeats, warmup, images, labels, ending, checkpoint, npp, nps, disable_tta,
+             out_dir: Path, log) -> dict:
+    """Latency, then predictions and Dice; `loaded` and `inputs` are emptied once timed (memory for the
+    predictor subprocesses)."""
+    import torch
+
+    device = dev.type
     log(f"timing {len(loaded)} model(s): {warmup} warm-up + {repeats} timed forward(s) each on {device}")
-    runs = {name: (lambda m=m, x=inputs[name]: forward_seconds(m.network, x, dev)) for name, m in zip(names, loaded)}
+    runs = {row["name"]: (lambda m=m, x=inputs[row["name"]]: forward_seconds(m.network, x, dev))
+            for row, m in zip(rows, loaded)}
     times = interleaved(runs, repeats, warmup)
     for row in rows:
         t = times[row["name"]]
         row["latency_s"] = {"median": statistics.median(t), "runs": [round(v, 6) for v in t]}
         row.update(predict_wall_s=None, dice_vs_labels=None, agreement_dice=None)
     dataset_json = loaded[0].dataset_json
-    del loaded, runs, inputs  # free memory before the predictor subprocesses
+    del runs
+    loaded.clear()
+    inputs.clear()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nnunet_green.contract import GreenError
 
@@ -33,11 +33,10 @@ class DistillSettings:
     max_minutes: float | None = None
     patch_size: tuple[int, ...] | None = None  # None: the plans' patch size; smaller bounds memory and time per step
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **overrides) -> "DistillSettings":
         """A copy with `overrides`; an unknown name is a DistillError (a typo must not be ignored)."""
