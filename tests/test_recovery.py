@@ -376,3 +376,40 @@ def test_budget_validation(trained_fp32):
         select_ranks(dense, 0.2, cost="macs")
     sel = select_ranks(dense, 0.2, cost="macs", input_shape=(1, 1, 40, 56, 40))
     assert sel.selected_cost <= 0.2 * sel.dense_cost * (1 + 1e-9) and not math.isnan(sel.kept_fraction)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. evaluation helpers shared by nnunet-green-bench and the benchmarks
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_interleaved_timing_rotates_the_order():
+    from nnunet_green.evaluation import interleaved
+
+    order = []
+
+    def run(name):
+        def f():
+            order.append(name)
+            return float(len(order))
+        return f
+
+    times = interleaved({"a": run("a"), "b": run("b"), "c": run("c")}, repeats=3, warmup=1)
+    assert order == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert times == {"a": [4.0, 9.0, 11.0], "b": [5.0, 7.0, 12.0], "c": [6.0, 8.0, 10.0]}
+    with pytest.raises(ValueError):
+        interleaved({"a": run("a")}, repeats=0)
+
+
+def test_dice_scores_and_summary():
+    from nnunet_green.evaluation import DiceError, dice_scores, foreground_labels, summarize
+
+    pred = np.array([0, 1, 1, 2, 2, 0])
+    ref = np.array([0, 1, 2, 2, 2, 0])
+    scores = dice_scores(pred, ref, [1, 2, 3])
+    assert scores[1] == pytest.approx(2 / 3) and scores[2] == pytest.approx(0.8) and math.isnan(scores[3])
+    mean, per_label = summarize({1: [scores[1], 1.0], 2: [scores[2]], 3: [scores[3]]})
+    assert per_label == {"1": pytest.approx(5 / 6), "2": pytest.approx(0.8), "3": None}
+    assert mean == pytest.approx((5 / 6 + 0.8) / 2)
+    with pytest.raises(DiceError, match="shape"):
+        dice_scores(pred, ref[:3], [1])
+    assert foreground_labels({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}}) == [1, 2]
