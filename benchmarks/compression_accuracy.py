@@ -15,49 +15,13 @@ import datetime as _dt
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from nnunet_green.contract import BASELINE_TRAINER as TRAINER
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = (0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
-TRAINER = "nnUNetTrainerGreenFP32"
-
-
-def _run(args, env):
-    exe = Path(sys.executable).parent / args[0]
-    cmd = [str(exe), *map(str, args[1:])]
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-
-
-def train(args, work: Path):
-    """Real convert → plan → train on a case subset; returns (model folder, imagesTs, labelsTs)."""
-    from nnunet_green.demo.data import msd_subset
-
-    env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-               nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1", nnUNet_compile="f")
-    env.pop("nnUNet_extTrainer", None)
-    for k in ("raw", "preprocessed", "results"):
-        (work / k).mkdir(parents=True, exist_ok=True)
-    model = work / "results" / "Dataset004_Hippocampus" / f"{TRAINER}__nnUNetPlans__3d_fullres"
-    task = msd_subset(args.data, work / "msd", args.n_train, args.n_test)
-    images = work / "raw" / "Dataset004_Hippocampus" / "imagesTs"
-    if not (model / f"fold_{args.fold}" / "checkpoint_final.pth").is_file():
-        if not images.is_dir():
-            _run(["nnUNetv2_convert_MSD_dataset", "-i", task, "-np", 1], env)
-        if not (work / "preprocessed" / "Dataset004_Hippocampus" / "nnUNetPlans.json").is_file():
-            _run(["nnUNetv2_plan_and_preprocess", "-d", 4, "-c", "3d_fullres", "-npfp", 1, "-np", 1], env)
-        t0 = time.perf_counter()
-        _run(["nnUNetv2_train", 4, "3d_fullres", args.fold, "-tr", TRAINER, "-device", args.device],
-             dict(env, nnUNet_green_epochs=str(args.epochs), nnUNet_green_iters=str(args.iters),
-                  nnUNet_green_val_iters=str(args.val_iters),
-                  nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0")))  # 1 overlaps augmentation
-        print(f"trained in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return model, images, task / "labelsTs"
 
 
 def main(argv=None):
@@ -82,8 +46,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from nnunet_green.compression import TuckerConfig
-    from nnunet_green.compression.bench_cli import bench
     from nnunet_green.compression.model_folder import compress_model_folder
+    from nnunet_green.evaluation.bench import bench
+    from nnunet_green.evaluation.experiment import train_msd_subset
 
     work = args.work.absolute()
     if args.model is not None:
@@ -93,7 +58,8 @@ def main(argv=None):
     else:
         if not args.data.is_dir():
             p.error(f"data not found: {args.data} (set NNUNET_GREEN_DATA or --data)")
-        model, images, labels = train(args, work)
+        model, images, labels = train_msd_subset(args.data, work, args.n_train, args.n_test, args.epochs, args.iters,
+                                                 args.val_iters, args.fold, args.device, TRAINER)
 
     compressed = []
     for r in args.ratios:

@@ -13,7 +13,6 @@ import ctypes
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from nnunet_green.compression import TuckerConfig, count_macs, executed_params, gemm_pointwise_, tucker_
+from nnunet_green.evaluation import forward_seconds, interleaved, machine_info
 
 TARGETS = {"params_removed_pct": 88.0, "speedup": 3.5, "decompose_s": 5.0}
 SWEEP = (0.05, 0.08, 0.12, 0.2, 0.3, 0.5)
@@ -59,23 +59,6 @@ MODELS = {
 
 # ------------------------------------------------------------------ machine
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("unknown", "x86_64", ""):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    return {"cpu_model": cpu, "isa": isa, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
-            "python": platform.python_version(), "load_avg_start": list(os.getloadavg())}
-
-
 class Allocator:
     """glibc malloc tuning. By default every tensor > 32 MB is a fresh mmap, so each 128^3 activation is
     page-faulted in anew on every forward; on these VMs that costs as much as the convolutions. mallopt
@@ -109,23 +92,17 @@ class Allocator:
 # ------------------------------------------------------------------ measurements
 
 def timed_forwards(models: dict[str, nn.Module], shape, repeats: int, warmup: int, label: str) -> dict:
-    """Interleaved forwards (round robin over the variants), median per variant. Interleaving spreads the slow
-    drift of a shared machine over all variants."""
+    """Interleaved forwards (evaluation.timing: rotating round robin over the variants), median per variant.
+    Interleaving spreads the slow drift of a shared machine over all variants."""
     x = torch.randn(shape)
-    times = {k: [] for k in models}
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                dt_ = time.perf_counter() - t0
-                if i >= warmup:
-                    times[k].append(dt_)
-            if i >= warmup:
-                log(f"  {label} {i - warmup + 1}/{repeats}: "
-                    + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
-            else:
-                log(f"  {label} warm-up {i + 1}/{warmup} done")
+    runs = {k: (lambda m=m: forward_seconds(m, x, "cpu")) for k, m in models.items()}
+
+    def on_round(r, times):
+        log(f"  {label} {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+
+    if warmup:
+        log(f"  {label} {warmup} warm-up round(s)")
+    times = interleaved(runs, repeats, warmup, on_round)
     return {k: {"median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
 
 
@@ -302,9 +279,9 @@ def markdown(result: dict) -> str:
     L = ["# Tucker-2 compression: CPU benchmark", "",
          f"- Command: `{result['command']}`",
          f"- Date: {result['date']}",
-         f"- Machine: {result['machine_label']} — {m['cpu_model']} ({', '.join(m['isa']) or 'no AVX2'}), "
-         f"{m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
-         f"load average at start {m['load_avg_start'][0]:.1f} / end {m['load_avg_end'][0]:.1f} "
+         f"- Machine: {result['machine_label']} — {m['cpu']} ({', '.join(m['isa']) or 'no AVX2'}), "
+         f"{m['cpu_count']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
+         f"load average at start {m['load_avg'][0]:.1f} / end {m['load_avg_end'][0]:.1f} "
          f"(machine shared with other jobs: timings drift, dense and compressed are interleaved)",
          "- Networks: TotalSegmentator architectures (dynamic_network_architectures PlainConvUNet), random weights, "
          "batch 1, fp32, `torch.inference_mode()`; latency = median of the repeats after warm-up.",
@@ -412,9 +389,9 @@ def main(argv=None) -> int:
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
     result = {"command": " ".join(shlex.quote(a) for a in [exe, *sys.argv]),
               "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine_label": args.machine_label, "machine": machine_info(), "args": vars(args), "models": {}}
-    log(f"machine: {result['machine']['cpu_model']}, {result['machine']['torch_threads']} torch threads, "
-        f"load {result['machine']['load_avg_start'][0]:.1f}")
+              "machine_label": args.machine_label, "machine": machine_info("cpu"), "args": vars(args), "models": {}}
+    log(f"machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch threads, "
+        f"load {result['machine']['load_avg'][0]:.1f}")
     for i, name in enumerate(args.models):
         result["models"][name] = bench_model(name, MODELS[name], args, alloc, main=(name == "ts_1.5mm"))
     result["sweep"] = sweep(args, alloc) if args.sweep else None

@@ -23,63 +23,45 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from nnunet_green.contract import (FINETUNE_TRAINER, RECOVERY_DISTILLED, RECOVERY_FINETUNED, GreenSettings,
+                                   env_name)
+from nnunet_green.evaluation.experiment import equal_budget, training_cost
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("uniform", "budgeted", "budgeted-macs")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def equal_budget(manifest: dict, cost: str = "params", min_rank: int = 8) -> float:
-    """Fraction of the factorizable layers' parameters or multiply-adds (spatial kernel, both channel counts >=
-    min_rank: the layers the budgeted rule may factorize) that a uniform compression kept."""
-    eligible = [lay for lay in manifest["layers"] if math.prod(lay["kernel_size"]) > 1
-                and min(lay["in_channels"], lay["out_channels"]) >= min_rank]
-    return sum(lay[f"{cost}_after"] for lay in eligible) / sum(lay[f"{cost}_before"] for lay in eligible)
-
-
-def training_cost(fold_folder: Path) -> dict:
-    """Time and energy of a metered (green) training run, from its green_summary.json."""
-    path = fold_folder / "green_summary.json"
-    if not path.is_file():
-        return {"seconds": None, "energy_j": None, "energy_source": None}
-    t = json.loads(path.read_text())["totals"]
-    seconds = (t.get("time_s") or 0.0) + (t.get("final_validation_s") or 0.0)
-    return {"seconds": round(seconds, 1), "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source")}
 
 
 def finetune(compressed: Path, dataset: str, configuration: str, fold: str, epochs: int, iters: int, lr: float | None,
              device: str, target: Path) -> dict:
     """nnUNetv2_train -tr nnUNetTrainerTuckerFinetune starting from `compressed`; the result folder is moved to
     `target` (one trainer name, several variants). Returns its cost."""
-    env = dict(os.environ, nnUNet_green_finetune_from=str(compressed), nnUNet_green_epochs=str(epochs),
-               nnUNet_green_iters=str(iters), nnUNet_green_val_iters="1", nnUNet_compile="f")
-    if lr is not None:
-        env["nnUNet_green_finetune_lr"] = str(lr)
+    lr = GreenSettings().finetune_lr if lr is None else lr
+    env = dict(os.environ, nnUNet_compile="f", **{env_name("finetune_from"): str(compressed),
+                                                  env_name("epochs"): str(epochs), env_name("iters"): str(iters),
+                                                  env_name("val_iters"): "1", env_name("finetune_lr"): str(lr)})
     env.setdefault("nnUNet_n_proc_DA", "0")
     exe = Path(sys.executable).parent / "nnUNetv2_train"
     print(f"+ fine-tune {compressed.name}: {epochs} x {iters} iterations", file=sys.stderr, flush=True)
-    proc = subprocess.run([str(exe), dataset, configuration, fold, "-tr", "nnUNetTrainerTuckerFinetune", "-device",
-                           device], env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(exe), dataset, configuration, fold, "-tr", FINETUNE_TRAINER, "-device", device],
+                          env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"fine-tuning {compressed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     results = Path(os.environ["nnUNet_results"])
-    folder = next(results.glob(f"Dataset*/nnUNetTrainerTuckerFinetune__*__{configuration}"))
+    folder = next(results.glob(f"Dataset*/{FINETUNE_TRAINER}__*__{configuration}"))
     if target.exists():
         shutil.rmtree(target)
     shutil.move(str(folder), target)
-    return {"recovery": "fine-tuned", **training_cost(target / f"fold_{fold}"),
-            "settings": f"{epochs} epochs x {iters} iterations, AdamW lr {lr or 1e-4}"}
+    return {"recovery": RECOVERY_FINETUNED, **training_cost(target / f"fold_{fold}"),
+            "settings": f"{epochs} epochs x {iters} iterations, AdamW lr {lr}"}
 
 
 def main(argv=None) -> int:
-    data = Path(os.environ.get("NNUNET_GREEN_DATA", REPO.parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("dense model: train one (--data) or give one (--model)")
     src.add_argument("--data", type=Path, default=None, help="MSD task folder; trains nnUNetTrainerGreenFP32 on a subset")
@@ -106,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=2, help="distillation batch size")
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--finetune-iters", type=int, default=75)
-    p.add_argument("--finetune-lr", type=float, default=None, help="default: the trainer's (1e-4)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help=f"default: the trainer's ({GreenSettings().finetune_lr:g}, {env_name('finetune_lr')})")
     p.add_argument("-f", "--fold", default="0")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--tta", action="store_true", help="predict with mirroring (8x slower on CPU)")
@@ -114,19 +97,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from nnunet_green.compression import TuckerConfig
-    from nnunet_green.compression.bench_cli import bench
-    from nnunet_green.compression.distill import distill_model_folder
     from nnunet_green.compression.model_folder import compress_model_folder
+    from nnunet_green.evaluation.bench import bench
+    from nnunet_green.evaluation.experiment import train_msd_subset
+    from nnunet_green.recovery import distill_model_folder
 
     if args.data is not None:
-        import compression_accuracy
-
         if not args.data.is_dir():
             p.error(f"--data folder not found: {args.data}")
         work = args.work.absolute()
-        ns = argparse.Namespace(data=args.data.absolute(), n_train=args.n_train, n_test=args.n_test,
-                                epochs=args.epochs, iters=args.iters, val_iters=2, fold=args.fold, device=args.device)
-        dense, images, labels = compression_accuracy.train(ns, work)
+        dense, images, labels = train_msd_subset(args.data.absolute(), work, args.n_train, args.n_test, args.epochs,
+                                                 args.iters, val_iters=2, fold=args.fold, device=args.device)
         distill_images = args.distill_images or work / "raw" / "Dataset004_Hippocampus" / "imagesTr"
         os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                           nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1")
@@ -176,7 +157,7 @@ def main(argv=None) -> int:
                 print(f"+ distil {folder.name}: {args.steps} steps", file=sys.stderr, flush=True)
                 rec = distill_model_folder(target, distill_images, steps=args.steps, lr=args.lr,
                                            batch_size=args.batch_size, device=args.device, folds=[args.fold], seed=0)
-                variants.append((target, {**base, "recovery": "distilled", "seconds": rec["seconds"],
+                variants.append((target, {**base, "recovery": RECOVERY_DISTILLED, "seconds": rec["seconds"],
                                           "energy_j": rec["energy_j"], "energy_source": rec["energy_source"],
                                           "settings": f"{rec['steps_done']} steps x {args.batch_size} patches, "
                                                       f"AdamW lr {args.lr}",

@@ -30,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_green.evaluation import dice_scores, machine_info
+from nnunet_green.evaluation.experiment import equal_budget
+from nnunet_green.nnunet_io import ModelFolder
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,9 +45,7 @@ def fit(folder: Path, ct: Path, seg: Path, steps: int, patch, lr: float, batch_s
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
     from tqdm import tqdm
 
-    from nnunet_green.compression.distill import load_model
-
-    model = load_model(folder, "0", "checkpoint_final.pth", "dense model")
+    model = ModelFolder(folder).load("0", what="dense model")
     pre = model.configuration_manager.preprocessor_class(verbose=False)
     data, target, _ = pre.run_case([str(ct)], str(seg), model.plans_manager, model.configuration_manager,
                                    model.dataset_json)
@@ -93,7 +95,7 @@ def fit(folder: Path, ct: Path, seg: Path, steps: int, patch, lr: float, batch_s
 
 
 def totalsegmentator(weights: Path, ct: Path, out: Path, home: Path) -> float:
-    from nnunet_green.demo.totalseg import offline_env
+    from nnunet_green.testing.totalseg import offline_env
 
     t0 = time.perf_counter()
     exe = Path(sys.executable).parent / "TotalSegmentator"
@@ -110,7 +112,7 @@ def agreement(pred: Path, ref: Path) -> dict:
 
     a, b = np.asarray(nib.load(pred).dataobj), np.asarray(nib.load(ref).dataobj)
     labels = [int(v) for v in np.unique(b) if v > 0]
-    dice = [2 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k)) for k in labels]
+    dice = list(dice_scores(a, b, labels).values())  # every label is in the reference: never NaN
     return {"mean_dice": float(np.mean(dice)) if dice else None, "labels": len(labels),
             "voxel_agreement": float((a == b).mean())}
 
@@ -135,12 +137,10 @@ def main(argv=None) -> int:
     p.add_argument("--distill-minutes", type=float, default=None, help="stop each distillation after this long")
     args = p.parse_args(argv)
 
-    from recovery import equal_budget
-
     from nnunet_green.compression import TuckerConfig
-    from nnunet_green.compression.distill import distill_model_folder
     from nnunet_green.compression.model_folder import compress_weights_root
-    from nnunet_green.demo import totalseg
+    from nnunet_green.recovery import distill_model_folder
+    from nnunet_green.testing import totalseg
 
     ct, ct_sm = args.data / "example_ct.nii.gz", args.data / "example_ct_sm.nii.gz"
     refs = {"example_ct": args.data / "example_seg_fast_force_split.nii.gz",
@@ -210,12 +210,10 @@ def main(argv=None) -> int:
                                                   "heldout_rel_error_after")}
         rows.append(row)
 
-    from nnunet_green.compression.bench_cli import _machine
-
     result = {"format": "nnunet-green-recovery-totalsegmentator/1",
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["benchmarks/recovery_totalsegmentator.py", *sys.argv[1:]]),
-              "machine": _machine(torch.device("cpu")),
+              "machine": machine_info("cpu"),
               "fit": fitted, "ratio": args.ratio, "budget": budget, "rows": rows}
     out = args.output.absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -255,5 +253,4 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -340,3 +340,8 @@ class BenchResult(_Record):
     labels: str | None = None
     tta: bool | None = None
     extra: dict = field(default_factory=dict)
+
+
+# --- recovery kinds (compression.json "recovery"."kind"; the report labels models with it) ------------------------
+RECOVERY_DISTILLED = "distilled"
+RECOVERY_FINETUNED = "fine-tuned"

@@ -61,7 +61,10 @@ def _rel_error(student, teacher, x) -> float:
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_distillation_reduces_heldout_error(hippocampus, compressed, tmp_path):
-    from nnunet_green.compression.distill import load_model, distill_model_folder
+    from nnunet_green.contract import BenchResult, CompressionManifest
+    from nnunet_green.evaluation.bench import bench
+    from nnunet_green.nnunet_io import ModelFolder
+    from nnunet_green.recovery import distill_model_folder
 
     folder = tmp_path / "student"
     shutil.copytree(compressed, folder)
@@ -71,9 +74,9 @@ def test_distillation_reduces_heldout_error(hippocampus, compressed, tmp_path):
 
     # an independent held-out check: a test image that is NOT in the distillation folder
     test_case = sorted(hippocampus.test_images.glob("*_0000.nii.gz"))[0]
-    teacher = load_model(teacher_folder, "0", "checkpoint_final.pth", "teacher")
+    teacher = ModelFolder(teacher_folder).load("0")
     x = _center_patch(hippocampus, teacher, [str(test_case)])
-    err_before = _rel_error(load_model(folder, "0", "checkpoint_final.pth", "student"), teacher, x)
+    err_before = _rel_error(ModelFolder(folder).load("0"), teacher, x)
 
     train_images = hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr"
     rec = distill_model_folder(folder, train_images, steps=3, lr=1e-3, batch_size=1, patches_per_image=2,
@@ -81,18 +84,30 @@ def test_distillation_reduces_heldout_error(hippocampus, compressed, tmp_path):
 
     # the function's own held-out measurement (images it did not train on)
     assert rec["heldout"] == "images" and len(rec["heldout_images"]) == 1 and rec["train_images"] == 5
-    assert rec["steps_done"] == 3
+    assert rec["steps_done"] == 3 and rec["nonfinite_steps"] == 0
     assert rec["heldout_rel_error_after"] < rec["heldout_rel_error_before"]
     assert rec["loss_after"] < rec["loss_before"]
     # the saved checkpoint, loaded the way the stock predictor loads it, is closer to the teacher on a new image
-    err_after = _rel_error(load_model(folder, "0", "checkpoint_final.pth", "student"), teacher, x)
+    err_after = _rel_error(ModelFolder(folder).load("0"), teacher, x)
     assert err_after < err_before, (err_before, err_after)
 
     # recorded in compression.json; checkpoint replaced atomically, trainer name/init args kept
     manifest = json.loads((folder / "compression.json").read_text())
-    assert manifest["recovery"]["method"] == "distillation"
+    assert manifest["recovery"]["method"] == "distillation" and manifest["recovery"]["kind"] == "distilled"
     assert manifest["recovery"]["steps"] == 3 and manifest["recovery"]["images"] == 6
+    assert manifest["recovery"]["nonfinite_steps"] == 0 and manifest["recovery"]["steps_done"] == 3
     assert manifest["recovery"]["device"] == "cpu" and manifest["recovery"]["seconds"] > 0
+    assert CompressionManifest.read(folder / "compression.json").rule_label == "ratio 0.12 + distilled"
+
+    # bench rows label the models: dense reference, then the distilled ratio-0.12 model with its kept fraction
+    out = tmp_path / "bench"
+    b = bench([teacher_folder, folder], out, repeats=1, warmup=0, log=lambda msg: None)
+    assert BenchResult.read(out / "bench.json").models == b["models"]
+    assert [m["rule"] for m in b["models"]] == ["dense", "ratio 0.12 + distilled"]
+    assert [m["rank_ratio"] for m in b["models"]] == [None, 0.12]
+    dense_row, distilled_row = b["models"]
+    assert dense_row["kept_fraction"] == 1.0
+    assert distilled_row["kept_fraction"] == pytest.approx(distilled_row["params"] / dense_row["params"], rel=0.02)
     assert ck.read_bytes() != ck_before
     new, old = torch.load(ck, weights_only=False), torch.load(compressed / "fold_0" / "checkpoint_final.pth",
                                                             weights_only=False)
@@ -104,7 +119,7 @@ def test_distillation_reduces_heldout_error(hippocampus, compressed, tmp_path):
 def test_distillation_keeps_the_starting_weights_when_training_only_hurts(hippocampus, compressed, tmp_path):
     """A far too large lr throws the student away from the teacher; the held-out checks keep the best weights, here
     the decomposition it started from, so the saved model is never worse than the compressed one."""
-    from nnunet_green.compression.distill import distill_model_folder
+    from nnunet_green.recovery import distill_model_folder
 
     folder = tmp_path / "student"
     shutil.copytree(compressed, folder)
@@ -118,6 +133,33 @@ def test_distillation_keeps_the_starting_weights_when_training_only_hurts(hippoc
     assert rec["heldout_rel_error_after"] == pytest.approx(rec["heldout_rel_error_before"], rel=1e-5)
     after = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_distill_settings_declared_once():
+    """The CLI's defaults are DistillSettings' (no second copy), every setting has an option, --help of both CLIs
+    documents the exit codes, and bad values are rejected by the one check."""
+    import dataclasses
+
+    from nnunet_green.contract import EXIT_CODES_HELP
+    from nnunet_green.evaluation.cli import build_parser as bench_parser
+    from nnunet_green.recovery import DistillError, DistillSettings
+    from nnunet_green.recovery.cli import build_parser, settings_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["FOLDER", "--images", "DIR"])
+    assert settings_from_args(args) == DistillSettings()
+    assert all(hasattr(args, name) for name in DistillSettings.field_names())
+    changed = settings_from_args(parser.parse_args(["F", "--images", "D", "--steps", "7", "--patch-size", "8", "16",
+                                                    "16"]))
+    assert changed == dataclasses.replace(DistillSettings(), steps=7, patch_size=(8, 16, 16))
+    assert EXIT_CODES_HELP in parser.format_help() and EXIT_CODES_HELP in bench_parser().format_help()
+    assert "(default 200)" in parser.format_help()
+    for bad, message in (({"steps": -1}, "steps"), ({"batch_size": 0}, "batch_size"), ({"loss": "l1"}, "loss"),
+                         ({"heldout_fraction": 1.0}, "heldout_fraction"), ({"max_minutes": 0}, "max_minutes")):
+        with pytest.raises(DistillError, match=message):
+            DistillSettings().replace(**bad).check()
+    with pytest.raises(DistillError, match="unknown distillation setting"):
+        DistillSettings().replace(step=3)
 
 
 @pytest.fixture()
@@ -135,7 +177,8 @@ def images_like(hippocampus, tmp_path):
 
 
 def test_distill_bad_input(trained_fp32, compressed, images_like, tmp_path, capsys):
-    from nnunet_green.compression.distill_cli import main
+    from nnunet_green.contract import EXIT_BAD_INPUT
+    from nnunet_green.recovery.cli import main
     ok_images = images_like([0])
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -147,13 +190,15 @@ def test_distill_bad_input(trained_fp32, compressed, images_like, tmp_path, caps
         "teacher": ((compressed, "--images", ok_images, "--teacher", tmp_path / "nope"), "teacher (dense) model"),
         "teacher compressed": ((compressed, "--images", ok_images, "--teacher", compressed), "itself a compressed"),
         "patch size": ((compressed, "--images", ok_images, "--patch-size", "30", "30", "30"), "total stride"),
+        "settings": ((compressed, "--images", ok_images, "--lr", "-1"), "lr must be a positive number"),
+        "missing folder": ((tmp_path / "nope", "--images", ok_images), "model folder not found"),
     }
     before = (compressed / "compression.json").read_text()
     for what, (args, message) in cases.items():
         # in-process main() (the console script's entry point): same messages, no interpreter start-up per case
         code = main([*map(str, args), "--steps", "1", "-q"])
         err = capsys.readouterr().err
-        assert code == 1, (what, err)
+        assert code == EXIT_BAD_INPUT == 2, (what, err)
         lines = [line for line in err.strip().splitlines() if line]
         assert lines == [lines[-1]] and lines[-1].startswith("nnunet-green-distill: error:"), (what, err)
         assert message in lines[-1], (what, err)
@@ -180,7 +225,12 @@ def test_compress_cli_budget_and_distill_in_one_command(hippocampus, trained_fp3
     assert ranks == {lay["name"]: [lay["rank_in"], lay["rank_out"]] for lay in m["layers"] if lay["factorized"]}
     rec = m["recovery"]
     assert rec["method"] == "distillation" and rec["steps_done"] == 2 and rec["teacher"] == str(trained_fp32.parent)
-    assert rec["energy_source"] in ("unavailable", "rapl", "nvml", "estimate", "nvml+rapl", "nvml+estimate")
+    assert rec["kind"] == "distilled" and rec["nonfinite_steps"] == 0
+    # the counters this machine has (none here, NVML/RAPL elsewhere), as the green trainers read them
+    from nnunet_green.metering import EnergyMeter
+    meter = EnergyMeter(torch.device("cpu"))
+    assert rec["energy_source"] == meter.source
+    meter.close()
     assert (rec["energy_j"] is None) == (rec["energy_source"] == "unavailable")
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
     pred = tmp_path / "pred"
@@ -232,8 +282,12 @@ def test_finetune_trainer_stock_train_and_predict(hippocampus, compressed, tmp_p
     k = next(k for k in start if k.endswith("core.weight"))
     rel = float((ck["network_weights"][k] - start[k]).norm() / start[k].norm())
     assert rel < 0.2, rel
-    manifest = json.loads((model / "compression.json").read_text())
-    assert manifest["recovery"]["method"] == "finetune" and manifest["recovery"]["epochs"] == 1
+    from nnunet_green.contract import CompressionManifest
+
+    manifest = CompressionManifest.read(model / "compression.json")
+    assert manifest.recovery["method"] == "finetune" and manifest.recovery["kind"] == "fine-tuned"
+    assert manifest.recovery["epochs"] == 1 and manifest.folds == ["0"]
+    assert manifest.rule_label == "ratio 0.12 + fine-tuned"
     assert (fold / "green_summary.json").is_file()  # metered like the other green trainers
 
     out = tmp_path / "pred"
@@ -254,7 +308,7 @@ def test_finetune_trainer_bad_input(hippocampus, trained_fp32, tmp_path):
                                "-device", "cpu"], env=hippocampus.env(**env), capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode != 0
-        assert "RuntimeError" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+        assert "FinetuneError" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -322,3 +376,40 @@ def test_budget_validation(trained_fp32):
         select_ranks(dense, 0.2, cost="macs")
     sel = select_ranks(dense, 0.2, cost="macs", input_shape=(1, 1, 40, 56, 40))
     assert sel.selected_cost <= 0.2 * sel.dense_cost * (1 + 1e-9) and not math.isnan(sel.kept_fraction)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. evaluation helpers shared by nnunet-green-bench and the benchmarks
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_interleaved_timing_rotates_the_order():
+    from nnunet_green.evaluation import interleaved
+
+    order = []
+
+    def run(name):
+        def f():
+            order.append(name)
+            return float(len(order))
+        return f
+
+    times = interleaved({"a": run("a"), "b": run("b"), "c": run("c")}, repeats=3, warmup=1)
+    assert order == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert times == {"a": [4.0, 9.0, 11.0], "b": [5.0, 7.0, 12.0], "c": [6.0, 8.0, 10.0]}
+    with pytest.raises(ValueError):
+        interleaved({"a": run("a")}, repeats=0)
+
+
+def test_dice_scores_and_summary():
+    from nnunet_green.evaluation import DiceError, dice_scores, foreground_labels, summarize
+
+    pred = np.array([0, 1, 1, 2, 2, 0])
+    ref = np.array([0, 1, 2, 2, 2, 0])
+    scores = dice_scores(pred, ref, [1, 2, 3])
+    assert scores[1] == pytest.approx(2 / 3) and scores[2] == pytest.approx(0.8) and math.isnan(scores[3])
+    mean, per_label = summarize({1: [scores[1], 1.0], 2: [scores[2]], 3: [scores[3]]})
+    assert per_label == {"1": pytest.approx(5 / 6), "2": pytest.approx(0.8), "3": None}
+    assert mean == pytest.approx((5 / 6 + 0.8) / 2)
+    with pytest.raises(DiceError, match="shape"):
+        dice_scores(pred, ref[:3], [1])
+    assert foreground_labels({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}}) == [1, 2]

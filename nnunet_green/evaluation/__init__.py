@@ -1,0 +1,34 @@
+"""Measuring models, shared by `nnunet-green-bench` and the benchmarks (public API; benchmarks import only this).
+
+* `evaluation.bench.bench(models, out_dir, ...)`: params, MACs, interleaved latency, stock predictions, Dice;
+  writes `contract.BenchResult` to OUT/bench.json (import it from the module: the package attribute `bench` is the
+  module). `BenchError`, `model_label(folder)` (rank_ratio, rule, kept_fraction of a bench row).
+* `forward_seconds`, `interleaved` (`evaluation.timing`): CUDA-synchronised, interleaved forward timing.
+* `dice_scores`, `dice_tables`, `summarize`, `foreground_labels`, `DiceError` (`evaluation.dice`).
+* `machine_info(device)` (`evaluation.machine`): cpu, ISA, cores, gpu, torch threads, versions, load.
+
+Names are imported lazily (torch only when a measurement needs it).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "BenchError": "bench", "markdown": "bench", "model_label": "bench",
+    "display_names": "bench",
+    "forward_seconds": "timing", "interleaved": "timing", "synchronize": "timing",
+    "dice_scores": "dice", "dice_tables": "dice", "summarize": "dice", "foreground_labels": "dice",
+    "read_labels": "dice", "DiceError": "dice",
+    "machine_info": "machine", "cpu_model": "machine",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,67 @@
+"""Dice scores: per label between two label maps, and tables over folders of predictions and references."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_green.contract import GreenError
+
+
+class DiceError(GreenError):
+    """Predictions and references that cannot be compared (missing case, shape mismatch)."""
+
+
+def dice_scores(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float]:
+    """{label: Dice of `pred == label` vs `ref == label`}; NaN where the label is in neither."""
+    if pred.shape != ref.shape:
+        raise DiceError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    out = {}
+    for lab in labels:
+        a, b = pred == lab, ref == lab
+        denom = int(a.sum()) + int(b.sum())
+        out[int(lab)] = math.nan if denom == 0 else 2.0 * int((a & b).sum()) / denom
+    return out
+
+
+def read_labels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def dice_tables(pred_dir, ref_dir, cases: list[str], labels) -> dict[int, list[float]]:
+    """Per label: Dice per case (file names in both folders; NaN where both are empty)."""
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    out: dict[int, list[float]] = {int(lab): [] for lab in labels}
+    for case in cases:
+        ref_path = ref_dir / case
+        if not ref_path.is_file():
+            raise DiceError(f"no label for predicted case {case} in {ref_dir}")
+        try:
+            scores = dice_scores(read_labels(pred_dir / case), read_labels(ref_path), labels)
+        except DiceError as e:
+            raise DiceError(f"{case}: {e} ({ref_path})") from None
+        for lab, v in scores.items():
+            out[lab].append(v)
+    return out
+
+
+def summarize(table: dict[int, list[float]]) -> tuple[float | None, dict[str, float | None]]:
+    """(mean over labels of the per-label mean over cases, {label: mean}); NaN cases are left out, a label with
+    no defined case is None."""
+    per_label = {}
+    for lab, vals in table.items():
+        vals = [v for v in vals if not math.isnan(v)]
+        per_label[str(lab)] = sum(vals) / len(vals) if vals else None
+    defined = [v for v in per_label.values() if v is not None]
+    return (sum(defined) / len(defined) if defined else None), per_label
+
+
+def foreground_labels(dataset_json: dict) -> list[int]:
+    """The labels (or region classes) a model predicts, background and ignore excluded."""
+    if dataset_json.get("regions_class_order"):
+        return [int(v) for v in dataset_json["regions_class_order"]]
+    vals = [v for k, v in dataset_json["labels"].items() if k != "ignore" and isinstance(v, int)]
+    return sorted(v for v in set(vals) if v != 0)
