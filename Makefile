@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # Benchmarks write JSON + markdown into bench_out/; docs/results/ holds copies of recorded runs.
 bench: install
