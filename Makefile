@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml nnunet_green.pth _build_ba
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # Benchmarks write JSON + markdown into bench_out/; docs/results/ holds copies of recorded runs.
 bench: install

@@ -93,6 +93,16 @@ def _flag(name: str, raw: str) -> bool:
     return raw == "1"
 
 
+def _non_negative_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(f"{name} must be a number >= 0, got {raw!r}")
+    return value
+
+
 def _text(name: str, raw: str) -> str:
     return raw.strip()
 
@@ -119,6 +129,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("nnUNet_green_finetune_from", _text, None,
            f"compressed model folder that {FINETUNE_TRAINER} starts from (required by that trainer)"),
     EnvVar("nnUNet_green_finetune_lr", _positive_float, 1e-4, f"AdamW learning rate of {FINETUNE_TRAINER}"),
+    EnvVar("nnUNet_green_patience", _positive_int, None,
+           "stop after this many epochs without an EMA pseudo-Dice gain > nnUNet_green_min_delta"),
+    EnvVar("nnUNet_green_min_delta", _non_negative_float, 0.0, "smallest EMA pseudo-Dice gain that counts"),
+    EnvVar("nnUNet_green_budget_kwh", _positive_float, None,
+           "stop before the measured energy would exceed this (refused at start without an energy measurement)"),
+    EnvVar("nnUNet_green_budget_hours", _positive_float, None, "stop before the training time would exceed this"),
 )
 ENV = {v.name: v for v in ENV_VARS}
 
@@ -136,6 +152,10 @@ class GreenSettings:
     pue: float = 1.0
     finetune_from: str | None = None
     finetune_lr: float = 1e-4
+    patience: int | None = None
+    min_delta: float = 0.0
+    budget_kwh: float | None = None
+    budget_hours: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "GreenSettings":

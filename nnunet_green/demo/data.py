@@ -40,7 +40,7 @@ def _link(src: Path, dst: Path):
     dst.symlink_to(src)
 
 
-def synthetic_msd_task(target_root: str | os.PathLike, n_train: int = 8, n_test: int = 4, shape=(40, 48, 40),
+def synthetic_msd_task(target_root: str | os.PathLike, n_train: int = 8, n_test: int = 4, shape=(32, 40, 32),
                        seed: int = 0) -> Path:
     """A SYNTHETIC MRI-like task in MSD layout (Task901_Synthetic): noisy images with two touching ellipsoids of
     different intensity (labels 1 and 2) at random positions. It only lets the demo run anywhere; numbers obtained

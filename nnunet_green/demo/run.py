@@ -26,6 +26,12 @@ GPU_TRAINERS = ("nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP8bit", "nnUNetTr
 # Lines of nnU-Net's training output worth showing live; everything goes to the step's log file.
 SHOWN = re.compile(r"^\S+ \S+: (Epoch \d+|Epoch time|Pseudo dice|Mean Validation Dice|nnunet-green:)")
 BIN = Path(sys.executable).parent
+# Run lengths. The synthetic default is sized to finish in about 10 minutes on 2 CPU cores (docs/results/demo_synthetic/);
+# the real-data run is the longer one recorded in docs/results/demo_hippocampus/.
+SYNTHETIC_RUN = {"n_train": 10, "n_test": 3, "epochs": 3, "iters": 25, "val_iters": 2}
+DATA_RUN = {"n_train": 20, "n_test": 5, "epochs": 4, "iters": 40, "val_iters": 3}
+# Wall time of the defaults on the 2-core CPU machine, printed at the start (minutes; see docs/results/).
+EXPECTED_MIN = {"synthetic": 8, "data": 14}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,17 +44,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output folder; an earlier demo output there is deleted first (default: demo_out)")
     p.add_argument("--data", type=Path, default=None,
                    help="MSD-layout task folder (e.g. Task04_Hippocampus); default: a small SYNTHETIC dataset")
-    p.add_argument("--n-train", type=int, default=20, help="training cases taken from --data (default 20)")
-    p.add_argument("--n-test", type=int, default=5, help="held-out cases, scored against their labels (default 5)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per training run (default 4)")
-    p.add_argument("--iters", type=int, default=40, help="training iterations per epoch (default 40)")
-    p.add_argument("--val-iters", type=int, default=3, help="online validation iterations per epoch (default 3)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help=f"training cases (default {SYNTHETIC_RUN['n_train']} synthetic, {DATA_RUN['n_train']} from --data)")
+    p.add_argument("--n-test", type=int, default=None,
+                   help=f"held-out cases, scored against their labels (default {SYNTHETIC_RUN['n_test']} synthetic, "
+                        f"{DATA_RUN['n_test']} from --data)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per training run (default {SYNTHETIC_RUN['epochs']} synthetic, {DATA_RUN['epochs']} with --data)")
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"training iterations per epoch (default {SYNTHETIC_RUN['iters']} synthetic, "
+                        f"{DATA_RUN['iters']} with --data)")
+    p.add_argument("--val-iters", type=int, default=None,
+                   help=f"online validation iterations per epoch (default {SYNTHETIC_RUN['val_iters']} synthetic, "
+                        f"{DATA_RUN['val_iters']} with --data)")
     p.add_argument("--trainers", nargs="+", default=None,
                    help=f"trainers to compare, first is the baseline (default on CPU: {' '.join(CPU_TRAINERS)}; "
                         f"on GPU: {' '.join(GPU_TRAINERS)})")
     p.add_argument("--rank-ratio", type=float, default=0.12, help="Tucker rank ratio for the compressed model")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     args = p.parse_args(argv)
+    for name, value in (DATA_RUN if args.data is not None else SYNTHETIC_RUN).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("n_train", "n_test", "epochs", "iters", "val_iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -176,8 +193,21 @@ class Demo:
                  "nnunet-green demo" + (" (SYNTHETIC data)" if self.args.data is None else f": {self.args.data.name}"))
         return target
 
+    def announce(self):
+        defaults = DATA_RUN if self.args.data is not None else SYNTHETIC_RUN
+        if self.device == "cpu" and all(getattr(self.args, k) == v for k, v in defaults.items()) \
+                and self.args.trainers is None:
+            minutes = EXPECTED_MIN["data" if self.args.data is not None else "synthetic"]
+            print(f"nnunet-green demo: expected duration about {minutes} min on 2 CPU cores "
+                  f"(less with more cores or a GPU)", flush=True)
+        else:
+            print("nnunet-green demo: non-default run length; the default run takes about "
+                  f"{EXPECTED_MIN['synthetic']} min (synthetic) or {EXPECTED_MIN['data']} min (--data) on 2 CPU cores",
+                  flush=True)
+
     def __call__(self) -> Path:
         t0 = time.perf_counter()
+        self.announce()
         self.prepare_output()
         dataset_id, dataset_name, labels = self.dataset()
         self.plan(dataset_id)

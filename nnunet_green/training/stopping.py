@@ -1,0 +1,112 @@
+"""When to stop training early: the EMA pseudo-Dice stopped improving, or an energy or time budget is spent.
+
+nnU-Net trains its full schedule (1000 epochs) whatever happens. A `StoppingPolicy` looks at the end of every epoch
+at what nnU-Net itself tracks (its EMA of the online pseudo-Dice, the quantity that picks `checkpoint_best.pth`) and
+at what the meter measured, and says whether to stop. Unset = never stop early: nnU-Net's behaviour, unchanged.
+
+Budgets are checked ahead: training stops after the epoch once the remaining budget cannot pay for another epoch
+of the mean measured cost, so a budget is not overrun by a whole epoch (nnU-Net's final validation comes on top).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nnunet_green.contract import SettingsError, env_name
+
+J_PER_KWH = 3.6e6
+
+
+@dataclass(frozen=True)
+class StoppingPolicy:
+    patience: int | None = None       # epochs without an EMA pseudo-Dice gain > min_delta
+    min_delta: float = 0.0
+    budget_kwh: float | None = None
+    budget_hours: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings) -> "StoppingPolicy":
+        return cls(patience=settings.patience, min_delta=settings.min_delta, budget_kwh=settings.budget_kwh,
+                   budget_hours=settings.budget_hours)
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.patience, self.budget_kwh, self.budget_hours))
+
+    def describe(self) -> str:
+        parts = []
+        if self.patience is not None:
+            parts.append(f"plateau: {self.patience} epochs without an EMA pseudo-Dice gain > {self.min_delta:g}")
+        if self.budget_kwh is not None:
+            parts.append(f"energy budget {self.budget_kwh:g} kWh")
+        if self.budget_hours is not None:
+            parts.append(f"time budget {self.budget_hours:g} h")
+        return "; ".join(parts) or "none (full schedule)"
+
+    def check_start(self, energy_source: str, energy_available: bool) -> None:
+        """Refuse an energy budget that cannot be measured before any epoch runs."""
+        if self.budget_kwh is not None and not energy_available:
+            raise SettingsError(
+                f"{env_name('budget_kwh')}={self.budget_kwh:g} needs an energy measurement, but this run has none "
+                f"(energy source: {energy_source}; no NVML GPU counter or readable RAPL). Use "
+                f"{env_name('budget_hours')} for a time budget, or set {env_name('cpu_watts')} for a labelled "
+                f"estimate.")
+
+    def decide(self, epochs: list[dict], ema_pseudo_dice: list[float]) -> dict | None:
+        """The stop record after the last finished epoch, or None to train on.
+
+        `epochs`: this run's per-epoch meter rows so far ('epoch', 'epoch_s', 'energy_j'); `ema_pseudo_dice`:
+        nnU-Net's EMA pseudo-Dice per epoch (same length)."""
+        if not epochs:
+            return None
+        epoch = int(epochs[-1]["epoch"])
+        time_s = sum(r["epoch_s"] for r in epochs)
+        energies = [r.get("energy_j") for r in epochs]
+        energy_j = None if any(e is None for e in energies) else sum(energies)
+        record = {"epoch": epoch, "time_s": time_s, "energy_j": energy_j}
+
+        if self.patience is not None:
+            best_epoch, best = _best(ema_pseudo_dice, self.min_delta)
+            if best_epoch is not None and len(ema_pseudo_dice) - 1 - best_epoch >= self.patience:
+                return {"reason": "plateau", **record, "best_epoch": int(epochs[best_epoch]["epoch"]),
+                        "best_ema_pseudo_dice": best, "patience": self.patience, "min_delta": self.min_delta}
+        n = len(epochs)
+        if self.budget_hours is not None:
+            budget_s = self.budget_hours * 3600
+            if time_s + time_s / n > budget_s:
+                return {"reason": "time_budget", **record, "budget_hours": self.budget_hours}
+        if self.budget_kwh is not None and energy_j is not None:
+            budget_j = self.budget_kwh * J_PER_KWH
+            if energy_j + energy_j / n > budget_j:
+                return {"reason": "energy_budget", **record, "budget_kwh": self.budget_kwh}
+        return None
+
+
+def _best(values: list[float], min_delta: float) -> tuple[int | None, float | None]:
+    """Epoch index and value of the last real improvement: a value counts only if it beats the best so far by more
+    than `min_delta` (NaN epochs never improve)."""
+    best_i, best = None, None
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        if best is None or v > best + min_delta:
+            best_i, best = i, float(v)
+    return best_i, best
+
+
+def full_schedule_estimate(epochs: list[dict], epochs_done: int, num_epochs: int) -> dict:
+    """What the whole schedule would have cost, extrapolated from this run's mean epoch (labelled as such)."""
+    n = len(epochs)
+    mean_s = sum(r["epoch_s"] for r in epochs) / n if n else None
+    energies = [r.get("energy_j") for r in epochs]
+    mean_j = None if not n or any(e is None for e in energies) else sum(energies) / n
+    remaining = max(num_epochs - epochs_done, 0)
+    return {
+        "method": f"extrapolated: mean of the {n} measured epochs x {num_epochs} scheduled epochs",
+        "num_epochs": num_epochs,
+        "epochs_saved": remaining,
+        "time_s": None if mean_s is None else mean_s * num_epochs,
+        "energy_j": None if mean_j is None else mean_j * num_epochs,
+        "time_saved_s": None if mean_s is None else mean_s * remaining,
+        "energy_saved_j": None if mean_j is None else mean_j * remaining,
+    }

@@ -1,0 +1,59 @@
+"""Energy under DDP with a real torch.distributed process group (gloo, 2 CPU processes): each node counted once,
+nodes summed, a node without a counter makes the total missing rather than smaller."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nnunet_green.metering.distributed import is_writer, node_energy_sum
+
+# (local rank, GPU joules, CPU joules) of rank 0 and rank 1, and the total every rank must get
+SCENARIOS = [
+    # one node, two processes: the node is counted once (rank 1's view of the same counters is ignored)
+    ([(0, 100.0, 40.0), (1, 100.0, 40.0)], (100.0, 40.0)),
+    # two nodes, one process each: summed
+    ([(0, 100.0, 40.0), (0, 250.0, 60.0)], (350.0, 100.0)),
+    # two nodes, one without a CPU counter: GPU summed, CPU missing (not 40 J)
+    ([(0, 100.0, 40.0), (0, 250.0, None)], (350.0, None)),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        totals = []
+        for layout, _ in SCENARIOS:  # one collective per scenario, in the same order on every rank
+            local, gpu_j, cpu_j = layout[rank]
+            leader = local == 0
+            # what a rank's meter reads: node leaders their node's counters, the others nothing
+            totals.append(node_energy_sum(gpu_j if leader else None, cpu_j if leader else None, leader))
+        results[rank] = (totals, is_writer())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_node_energy_is_counted_once_per_node_and_summed_over_nodes():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        totals, writer = results[rank]
+        assert totals == [expected for _, expected in SCENARIOS]
+        assert writer == (rank == 0)  # files are written once per job
+
+
+def test_single_process_is_unchanged():
+    assert not dist.is_initialized()
+    assert node_energy_sum(5.0, None, is_node_leader=True) == (5.0, None)
+    assert is_writer()

@@ -1,0 +1,77 @@
+"""Stopping policy: plateau of nnU-Net's EMA pseudo-Dice, energy and time budgets (pure logic, no training)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nnunet_green.contract import GreenSettings, SettingsError
+from nnunet_green.training.stopping import StoppingPolicy, full_schedule_estimate
+
+
+def rows(n, epoch_s=10.0, energy_j=100.0):
+    return [{"epoch": i, "epoch_s": epoch_s, "energy_j": energy_j} for i in range(n)]
+
+
+def test_unset_never_stops():
+    policy = StoppingPolicy.from_settings(GreenSettings.from_env({}))
+    assert not policy.active
+    assert policy.decide(rows(50), [0.5] * 50) is None
+
+
+def test_plateau_stops_after_patience_epochs_without_gain():
+    policy = StoppingPolicy(patience=3, min_delta=0.01)
+    ema = [0.1, 0.3, 0.5, 0.505, 0.509, 0.508]  # last gain > 0.01 at epoch 2; 3 epochs since
+    assert policy.decide(rows(5), ema[:5]) is None
+    stop = policy.decide(rows(6), ema)
+    assert stop["reason"] == "plateau" and stop["epoch"] == 5 and stop["best_epoch"] == 2
+    assert stop["best_ema_pseudo_dice"] == pytest.approx(0.5) and stop["time_s"] == pytest.approx(60)
+
+
+def test_small_gains_below_min_delta_do_not_reset_patience_but_large_ones_do():
+    policy = StoppingPolicy(patience=2, min_delta=0.01)
+    assert policy.decide(rows(4), [0.5, 0.505, 0.509, 0.52]) is None  # 0.52 beats 0.5 + 0.01 at epoch 3
+    assert policy.decide(rows(3), [0.5, 0.505, 0.509])["reason"] == "plateau"
+
+
+def test_nan_epochs_never_count_as_improvement():
+    policy = StoppingPolicy(patience=2)
+    assert policy.decide(rows(3), [0.4, math.nan, math.nan])["best_epoch"] == 0
+
+
+def test_time_budget_stops_before_the_next_epoch_would_overrun_it():
+    policy = StoppingPolicy(budget_hours=50 / 3600)  # 50 s, epochs of 10 s
+    assert policy.decide(rows(3), [0.1] * 3) is None      # 30 s spent, 40 s after the next: fits
+    assert policy.decide(rows(4), [0.1] * 4) is None      # 40 s spent, another 10 s reaches 50 s exactly: fits
+    stop = policy.decide(rows(5), [0.1] * 5)
+    assert stop["reason"] == "time_budget" and stop["time_s"] <= 50
+
+
+def test_energy_budget_uses_measured_joules_and_is_refused_without_a_counter():
+    policy = StoppingPolicy(budget_kwh=450 / 3.6e6)  # 450 J, epochs of 100 J
+    assert policy.decide(rows(3), [0.1] * 3) is None
+    assert policy.decide(rows(4), [0.1] * 4)["reason"] == "energy_budget"
+    unmeasured = [dict(r, energy_j=None) for r in rows(10)]
+    assert policy.decide(unmeasured, [0.1] * 10) is None
+    with pytest.raises(SettingsError, match="nnUNet_green_budget_hours"):
+        policy.check_start("unavailable", energy_available=False)
+    policy.check_start("rapl", energy_available=True)
+
+
+def test_settings_are_validated():
+    with pytest.raises(SettingsError, match="nnUNet_green_patience"):
+        GreenSettings.from_env({"nnUNet_green_patience": "0"})
+    with pytest.raises(SettingsError, match="nnUNet_green_min_delta"):
+        GreenSettings.from_env({"nnUNet_green_min_delta": "-1"})
+    with pytest.raises(SettingsError, match="nnUNet_green_budget_kwh"):
+        GreenSettings.from_env({"nnUNet_green_budget_kwh": "lots"})
+    s = GreenSettings.from_env({"nnUNet_green_patience": "5", "nnUNet_green_budget_hours": "1.5"})
+    assert StoppingPolicy.from_settings(s) == StoppingPolicy(patience=5, budget_hours=1.5)
+
+
+def test_full_schedule_estimate_is_labelled_and_extrapolated():
+    est = full_schedule_estimate(rows(4), epochs_done=4, num_epochs=10)
+    assert "extrapolated" in est["method"]
+    assert est["time_s"] == pytest.approx(100) and est["energy_j"] == pytest.approx(1000)
+    assert est["epochs_saved"] == 6 and est["time_saved_s"] == pytest.approx(60)
+    assert full_schedule_estimate([dict(r, energy_j=None) for r in rows(2)], 2, 10)["energy_j"] is None
