@@ -12,7 +12,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_green.contract import ENERGY_UNAVAILABLE, GreenSettings
+from nnunet_green.contract import ENERGY_UNAVAILABLE, GreenSettings, settings_table
 from nnunet_green.metering import EnergyMeter
 from nnunet_green.training import variants
 from nnunet_green.training.green_trainer import nnUNetTrainerGreen
@@ -20,7 +20,7 @@ from nnunet_green.training.optimizers import ADAMW_8BIT, NNUNET_SGD, SGD_8BIT, o
 from nnunet_green.training.precision import AMP, BF16, FP32, HALF, POLICIES
 from nnunet_green.training.variants import GREEN_TRAINERS, SETTINGS
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 # The study's settings (arXiv 2303.10181) plus bf16, and one 8-bit AdamW: every SGD class and the fp32 AdamW one.
 STUDY_SETTINGS = [c.__name__ for c in GREEN_TRAINERS
@@ -66,6 +66,10 @@ def test_trainer_classes_are_written_out_and_all_listed():
         assert cls.__module__ == variants.__name__ and cls.__qualname__ == name
         assert "precision" in vars(cls) and "optimizer_recipe" in vars(cls), name  # both named, none inherited
     assert len(set(SETTINGS.values())) == len(SETTINGS)
+
+
+def test_docs_carry_the_settings_table():
+    assert settings_table() in (REPO / "docs" / "training.md").read_text()
 
 
 def test_low_precision_is_dropped_on_cpu_unless_asked_for():
@@ -138,11 +142,19 @@ def test_real_trainer_network_deep_copies_and_validates_like_nnunet(hippocampus)
     # Built the way nnUNetv2_train builds it; a deep copy of trainer.network gets gradients on ITS parameters, and
     # the green validation_step (policy autocast) computes exactly nnU-Net's online-validation values on CPU.
     code = (
-        "import copy, pickle, numpy as np, torch\n"
+        "import copy, os, pickle, numpy as np, torch\n"
         "from nnunetv2.run.run_training import get_trainer_from_args\n"
         "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
+        "from nnunet_green.contract import SettingsError\n"
+        "os.environ['nnUNet_green_epochs'] = '0'\n"
+        "try:\n"
+        "    get_trainer_from_args('4', '3d_fullres', 0, 'nnUNetTrainerGreenFP32', device=torch.device('cpu'))\n"
+        "except SettingsError as e:\n"
+        "    print('SETTINGS', e)\n"
+        "del os.environ['nnUNet_green_epochs']\n"
         "for name in ('nnUNetTrainerGreenFP32', 'nnUNetTrainerGreen8bit'):\n"
         "    t = get_trainer_from_args('4', '3d_fullres', 0, name, device=torch.device('cpu'))\n"
+        "    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (1000, 3, 50)\n"
         "    t.initialize()\n"
         "    assert 'forward' not in vars(t.network)\n"
         "    clone = copy.deepcopy(t.network)\n"
@@ -164,9 +176,12 @@ def test_real_trainer_network_deep_copies_and_validates_like_nnunet(hippocampus)
         "    assert ours[k].shape == theirs[k].shape == (2,) and np.array_equal(ours[k], theirs[k]), k\n"
         "print('VALIDATION same', ours['tp_hard'], ours['fp_hard'], ours['fn_hard'])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=hippocampus.env(nnUNet_n_proc_DA=0),
-                          capture_output=True, text=True)
+    env = {k: v for k, v in hippocampus.env(nnUNet_n_proc_DA=0, nnUNet_green_iters=3).items()
+           if k not in ("nnUNet_green_epochs", "nnUNet_green_val_iters")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # A bad value stops the trainer at construction, naming the variable.
+    assert "SETTINGS nnUNet_green_epochs must be a positive integer, got '0'" in proc.stdout
     grads = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("GRADS")]
     assert [g[0] for g in grads] == ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreen8bit"]
     for _, n, got, orig in grads:
