@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import json
-import math
 import pathlib
+import time
 
 import pytest
 import torch
 
+from nnunet_green.contract import (ENERGY_UNAVAILABLE, ENV_VARS, GREEN_LOG_FILE, GREEN_SUMMARY_FILE, LOG_COLUMNS,
+                                   SUMMARY_FORMAT, GreenSettings, SettingsError, TrainingSummary)
 from nnunet_green.metering import EnergyMeter, EpochMeter, RaplEnergy, carbon_setting, read_log
 from nnunet_green.metering.carbon import CarbonSetting
+
+
+@pytest.fixture(autouse=True)
+def _no_green_settings(monkeypatch):
+    # The machine's own nnUNet_green_* values (a CPU power figure, a country) must not change what these tests see.
+    for var in ENV_VARS:
+        monkeypatch.delenv(var.name, raising=False)
 
 
 class FakeNvml:
@@ -74,12 +83,18 @@ def test_nvml_missing_gives_reason_not_zero(tmp_path):
     assert "NVML Shared Library Not Found" in meter.describe()["gpu"]["reason"]
 
 
-def test_real_pynvml_without_gpu_is_reported_unavailable(tmp_path):
-    # On this CPU machine the real pynvml cannot find a driver: the meter must say why, not crash.
+def test_real_pynvml_is_either_a_counter_or_a_reason(tmp_path):
+    # Without a driver (this CPU machine) the real pynvml must give a reason, not crash and not report 0 J; with a
+    # GPU the counter must be read and named.
     meter = EnergyMeter(GPU, rapl_root=tmp_path / "none")
+    gpu_j, cpu_j = meter.read()
+    assert cpu_j is None
     if meter.gpu.available:
-        pytest.skip("a real NVML device is present")
-    assert meter.gpu.reason
+        time.sleep(0.2)
+        assert meter.gpu.reason is None and meter.describe()["gpu"]["names"]
+        assert meter.source == "nvml" and gpu_j is not None and meter.read()[0] >= gpu_j >= 0
+    else:
+        assert meter.gpu.reason and gpu_j is None and meter.source == ENERGY_UNAVAILABLE
 
 
 def test_rapl_sums_packages_ignores_subdomains_and_handles_wrap(tmp_path):
@@ -143,10 +158,23 @@ def test_carbon_settings(monkeypatch):
     assert de.co2eq_g(None) is None
     user = carbon_setting({"nnUNet_green_carbon_intensity": "20"})
     assert user.intensity_g_per_kwh == 20 and "user" in user.source
-    with pytest.raises(ValueError, match="not in the bundled table"):
+    assert user.country is None  # the default country is not recorded as the user's choice
+    assert carbon_setting({"nnUNet_green_carbon_intensity": "20", "nnUNet_green_country": "pl"}).country == "PL"
+    with pytest.raises(SettingsError, match="not in the bundled table"):
         carbon_setting({"nnUNet_green_country": "ATLANTIS"})
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(SettingsError, match="nnUNet_green_pue must be a positive number"):
         carbon_setting({"nnUNet_green_pue": "nan"})
+    # The settings object and the environment give the same answer.
+    monkeypatch.setenv("nnUNet_green_country", "USA")
+    assert carbon_setting() == carbon_setting(GreenSettings(country="USA")) == carbon_setting({"nnUNet_green_country": "US"})
+
+
+def test_bad_cpu_watts_is_a_settings_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_green_cpu_watts", "-3")
+    with pytest.raises(SettingsError, match="nnUNet_green_cpu_watts must be a positive number, got '-3'"):
+        EnergyMeter(CPU, rapl_root=tmp_path)
+    # An explicit settings object wins over the environment.
+    assert EnergyMeter(CPU, rapl_root=tmp_path, settings=GreenSettings(cpu_watts=10.0)).source == "estimate"
 
 
 def run_epochs(meter, nvml, epochs, joules_per_epoch=10.0):
@@ -165,7 +193,8 @@ def test_epoch_log_summary_and_resume(tmp_path):
     meter = EpochMeter(tmp_path, CPU, energy=EnergyMeter(GPU, nvml=nvml, rapl_root=tmp_path / "none"),
                        carbon=carbon)
     run_epochs(meter, nvml, range(3))
-    rows = read_log(tmp_path / "green_log.csv")
+    rows = read_log(tmp_path / GREEN_LOG_FILE)
+    assert tuple(rows[0]) == LOG_COLUMNS
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert all(float(r["energy_j"]) == 10.0 and r["energy_source"] == "nvml" for r in rows)
     assert float(rows[0]["co2eq_g"]) == pytest.approx(10 / 3.6e6 * 400)
@@ -187,4 +216,7 @@ def test_epoch_log_summary_and_resume(tmp_path):
     assert summary["totals"]["co2eq_g"] == pytest.approx(65 / 3.6e6 * 400)
     assert summary["totals"]["cpu_energy_j"] is None
     assert summary["trainer"] == "T" and summary["epochs_logged"] == 4
-    assert json.loads((tmp_path / "green_summary.json").read_text()) == summary
+    assert json.loads((tmp_path / GREEN_SUMMARY_FILE).read_text()) == summary
+    record = TrainingSummary.read(tmp_path / GREEN_SUMMARY_FILE)
+    assert summary["format"] == SUMMARY_FORMAT and record.trainer == "T" and record.epochs_logged == 4
+    assert record.totals["energy_source"] == "nvml" and record.carbon["intensity_g_per_kwh"] == 400.0

@@ -1,6 +1,7 @@
 """Green trainers: found by the stock nnU-Net CLIs, trained for real on Hippocampus, metered, resumable."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import pickle
@@ -11,15 +12,19 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_green.training.optimizers import NNUNET_SGD, SGD_8BIT, optimizer_state_bytes
-from nnunet_green.training.precision import AMP, BF16, FP32, HALF
-from nnunet_green.training.variants import SETTINGS
+from nnunet_green.contract import ENERGY_UNAVAILABLE, GreenSettings, settings_table
+from nnunet_green.metering import EnergyMeter
+from nnunet_green.training import variants
+from nnunet_green.training.green_trainer import nnUNetTrainerGreen
+from nnunet_green.training.optimizers import ADAMW_8BIT, NNUNET_SGD, SGD_8BIT, optimizer_state_bytes
+from nnunet_green.training.precision import AMP, BF16, FP32, HALF, POLICIES
+from nnunet_green.training.variants import GREEN_TRAINERS, SETTINGS
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
-STUDY_SETTINGS = ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP", "nnUNetTrainerGreenBF16",
-                  "nnUNetTrainerGreen8bit", "nnUNetTrainerGreenAMP8bit", "nnUNetTrainerGreenHalf8bit",
-                  "nnUNetTrainerGreen8bitAdamW"]
+# The study's settings (arXiv 2303.10181) plus bf16, and one 8-bit AdamW: every SGD class and the fp32 AdamW one.
+STUDY_SETTINGS = [c.__name__ for c in GREEN_TRAINERS
+                  if c.optimizer_recipe is not ADAMW_8BIT or c.precision is FP32]
 
 
 def test_stock_lookup_finds_every_trainer_and_classes_pickle():
@@ -41,9 +46,30 @@ def test_settings_compose_precision_and_optimizer():
     assert SETTINGS["nnUNetTrainerGreenFP32"] == (FP32, NNUNET_SGD)
     assert SETTINGS["nnUNetTrainerGreenAMP8bit"] == (AMP, SGD_8BIT)
     assert SETTINGS["nnUNetTrainerGreenHalf8bit"][0] is HALF
-    cls = pickle.loads(pickle.dumps(__import__("nnunet_green.training.variants", fromlist=["x"])
-                                    .nnUNetTrainerGreenBF16))
-    assert cls.precision is BF16
+    assert variants.nnUNetTrainerGreenHalf8bitAdamW.optimizer_recipe is ADAMW_8BIT
+    cls = pickle.loads(pickle.dumps(variants.nnUNetTrainerGreenBF16))
+    assert cls is variants.nnUNetTrainerGreenBF16 and cls.precision is BF16
+    assert STUDY_SETTINGS == ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP", "nnUNetTrainerGreenBF16",
+                              "nnUNetTrainerGreen8bit", "nnUNetTrainerGreenAMP8bit", "nnUNetTrainerGreenHalf8bit",
+                              "nnUNetTrainerGreen8bitAdamW"]
+
+
+def test_trainer_classes_are_written_out_and_all_listed():
+    # Every class is a plain statement of variants.py (visible to grep and type checkers), listed once, and each
+    # (precision, optimizer) pair appears once.
+    defined = {name: obj for name, obj in vars(variants).items()
+               if isinstance(obj, type) and issubclass(obj, nnUNetTrainerGreen) and obj is not nnUNetTrainerGreen}
+    assert set(defined) == set(SETTINGS) and len(GREEN_TRAINERS) == len(SETTINGS) == 9
+    source = open(variants.__file__).read()
+    for name, cls in defined.items():
+        assert f"\nclass {name}(nnUNetTrainerGreen):" in source
+        assert cls.__module__ == variants.__name__ and cls.__qualname__ == name
+        assert "precision" in vars(cls) and "optimizer_recipe" in vars(cls), name  # both named, none inherited
+    assert len(set(SETTINGS.values())) == len(SETTINGS)
+
+
+def test_docs_carry_the_settings_table():
+    assert settings_table() in (REPO / "docs" / "training.md").read_text()
 
 
 def test_low_precision_is_dropped_on_cpu_unless_asked_for():
@@ -54,14 +80,113 @@ def test_low_precision_is_dropped_on_cpu_unless_asked_for():
         assert policy.on(torch.device("cuda")) == policy
 
 
+def _small_unet(deep_supervision=True):
+    torch.manual_seed(0)
+    return PlainConvUNet(1, 3, [4, 8, 16], torch.nn.Conv3d, 3, [1, 2, 2], [1, 1, 1], 3, [1, 1], conv_bias=True,
+                         norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+                         deep_supervision=deep_supervision)
+
+
 def test_half_policy_keeps_state_dict_and_returns_fp32_logits():
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4, affine=True))
+    net = _small_unet()
     keys = list(net.state_dict())
-    HALF.apply_(net, torch.device("cpu"))
+    HALF.prepare_(net)
+    HALF.prepare_(net)  # idempotent: the hooks are registered once
     assert list(net.state_dict()) == keys
     assert all(p.dtype == torch.float16 for p in net.parameters())
-    out = net(torch.randn(1, 1, 8, 8, 8))
-    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert len(net._forward_pre_hooks) == 1 and len(net._forward_hooks) == 1
+    out = net(torch.randn(1, 1, 16, 16, 16))  # fp32 input, as nnU-Net's loader and predictor give
+    assert isinstance(out, list) and len(out) == 2  # deep supervision: one output per decoder stage
+    assert all(o.dtype == torch.float32 and torch.isfinite(o).all() for o in out)
+    net.decoder.deep_supervision = False
+    assert net(torch.randn(1, 1, 16, 16, 16)).dtype == torch.float32
+    # A checkpoint written with fp16 weights loads strictly into a fresh fp32 network (what nnUNetv2_predict does).
+    fresh = _small_unet()
+    fresh.load_state_dict(net.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
+def test_deep_copy_of_a_prepared_network_trains_its_own_weights_and_pickles(policy):
+    # EMA / teacher-student / SWA code deep-copies the network: the copy must compute with ITS weights.
+    cpu = torch.device("cpu")
+    net = _small_unet()
+    policy.prepare_(net)
+    assert "forward" not in vars(net)  # no instance-level forward replacement
+    clone = copy.deepcopy(net)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with policy.autocast(cpu):
+        loss = sum(o.float().square().mean() for o in clone(x))
+    loss.backward()
+    copy_params, original_params = list(clone.parameters()), list(net.parameters())
+    assert len(copy_params) == len(original_params) > 20
+    assert all(p.grad is not None for p in copy_params)
+    assert all(p.grad is None for p in original_params)
+    # The copy's weights really are its own: changing them changes its output, not the original's.
+    with torch.no_grad():
+        reference = [o.clone() for o in net(x)]
+        for p in clone.parameters():
+            p.add_(0.5)
+        assert all(torch.equal(a, b) for a, b in zip(reference, net(x)))
+        assert not torch.equal(clone(x)[0], reference[0])
+    # The prepared network pickles (DDP, torch.save(model), worker processes) and still computes the same.
+    restored = pickle.loads(pickle.dumps(net))
+    with torch.no_grad():
+        again = restored(x)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(again, reference))
+    assert [p.dtype for p in restored.parameters()] == [p.dtype for p in net.parameters()]
+    assert all(p.dtype == policy.weight_dtype for p in net.parameters())
+
+
+def test_real_trainer_network_deep_copies_and_validates_like_nnunet(hippocampus):
+    # Built the way nnUNetv2_train builds it; a deep copy of trainer.network gets gradients on ITS parameters, and
+    # the green validation_step (policy autocast) computes exactly nnU-Net's online-validation values on CPU.
+    code = (
+        "import copy, os, pickle, numpy as np, torch\n"
+        "from nnunetv2.run.run_training import get_trainer_from_args\n"
+        "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
+        "from nnunet_green.contract import SettingsError\n"
+        "os.environ['nnUNet_green_epochs'] = '0'\n"
+        "try:\n"
+        "    get_trainer_from_args('4', '3d_fullres', 0, 'nnUNetTrainerGreenFP32', device=torch.device('cpu'))\n"
+        "except SettingsError as e:\n"
+        "    print('SETTINGS', e)\n"
+        "del os.environ['nnUNet_green_epochs']\n"
+        "for name in ('nnUNetTrainerGreenFP32', 'nnUNetTrainerGreen8bit'):\n"
+        "    t = get_trainer_from_args('4', '3d_fullres', 0, name, device=torch.device('cpu'))\n"
+        "    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (1000, 3, 50)\n"
+        "    t.initialize()\n"
+        "    assert 'forward' not in vars(t.network)\n"
+        "    clone = copy.deepcopy(t.network)\n"
+        "    out = clone(torch.randn(1, 1, *t.configuration_manager.patch_size))\n"
+        "    sum(o.float().mean() for o in out).backward()\n"
+        "    n = len(list(clone.parameters()))\n"
+        "    got = sum(p.grad is not None for p in clone.parameters())\n"
+        "    orig = sum(p.grad is not None for p in t.network.parameters())\n"
+        "    pickle.loads(pickle.dumps(t.network))\n"
+        "    print('GRADS', name, n, got, orig)\n"
+        "t.dataloader_train, t.dataloader_val = t.get_dataloaders()\n"
+        "batch = next(t.dataloader_val)\n"
+        "t.network.eval()\n"
+        "with torch.no_grad():\n"
+        "    ours, theirs = t.validation_step(batch), nnUNetTrainer.validation_step(t, batch)\n"
+        "assert ours.keys() == theirs.keys(), (ours.keys(), theirs.keys())\n"
+        "assert np.allclose(ours['loss'], theirs['loss'], rtol=1e-6, atol=1e-7), (ours['loss'], theirs['loss'])\n"
+        "for k in ('tp_hard', 'fp_hard', 'fn_hard'):\n"
+        "    assert ours[k].shape == theirs[k].shape == (2,) and np.array_equal(ours[k], theirs[k]), k\n"
+        "print('VALIDATION same', ours['tp_hard'], ours['fp_hard'], ours['fn_hard'])\n"
+    )
+    env = {k: v for k, v in hippocampus.env(nnUNet_n_proc_DA=0, nnUNet_green_iters=3).items()
+           if k not in ("nnUNet_green_epochs", "nnUNet_green_val_iters")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A bad value stops the trainer at construction, naming the variable.
+    assert "SETTINGS nnUNet_green_epochs must be a positive integer, got '0'" in proc.stdout
+    grads = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("GRADS")]
+    assert [g[0] for g in grads] == ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreen8bit"]
+    for _, n, got, orig in grads:
+        assert int(n) > 20 and int(got) == int(n) and int(orig) == 0, grads
+    assert "VALIDATION same" in proc.stdout
 
 
 def _default_3d_fullres_unet():
@@ -88,6 +213,11 @@ def test_8bit_sgd_state_is_at_most_03x_of_torch_sgd():
     assert sizes["SGD8bit"] <= 0.3 * sizes["SGD"], sizes
 
 
+def _cpu_energy_source(nn) -> str:
+    meter = EnergyMeter(torch.device("cpu"), settings=GreenSettings.from_env(nn.env()), rapl_poll_s=0)
+    return meter.source
+
+
 def _read_log(fold):
     with open(fold / "green_log.csv") as f:
         return list(csv.DictReader(f))
@@ -101,10 +231,16 @@ def test_stock_nnunetv2_train_runs_each_green_trainer(hippocampus, trainer, requ
     assert (fold / "checkpoint_final.pth").is_file()
     rows = _read_log(fold)
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+    # What this machine can measure for a CPU run (no counter here: "unavailable"; RAPL or an estimate elsewhere).
+    expected_source = _cpu_energy_source(hippocampus)
     for row in rows:
         assert float(row["epoch_s"]) > 0 and float(row["train_s"]) > 0
-        assert row["energy_source"] == "unavailable"  # no NVML, no RAPL, no CPU power figure on this machine
-        assert row["energy_j"] == "" and row["co2eq_g"] == ""  # missing, never 0
+        assert row["energy_source"] == expected_source
+        if expected_source == ENERGY_UNAVAILABLE:
+            assert row["energy_j"] == "" and row["co2eq_g"] == ""  # missing, never 0
+        else:
+            assert float(row["energy_j"]) > 0 and float(row["co2eq_g"]) > 0
+        assert row["gpu_energy_j"] == ""  # a CPU run measures no GPU
         assert float(row["host_rss_peak_mb"]) > 100
         assert float(row["meter_overhead_s"]) < 0.01 * float(row["epoch_s"])
     summary = json.loads((fold / "green_summary.json").read_text())
@@ -113,7 +249,13 @@ def test_stock_nnunetv2_train_runs_each_green_trainer(hippocampus, trainer, requ
     assert summary["precision"] == precision.on(torch.device("cpu")).name
     assert summary["optimizer"] == recipe.name
     assert summary["optimizer_state_bytes"] > 0 and summary["num_parameters"] > 1e5
-    assert summary["epochs_logged"] == 2 and summary["totals"]["energy_j"] is None
+    assert summary["epochs_logged"] == 2
+    assert summary["totals"]["energy_source"] == expected_source
+    if expected_source == ENERGY_UNAVAILABLE:
+        assert summary["totals"]["energy_j"] is None and summary["totals"]["epochs_without_energy"] == 2
+    else:
+        assert summary["totals"]["energy_j"] > 0 and summary["totals"]["epochs_without_energy"] == 0
+    assert summary["nonfinite_steps_skipped"] == 0
     assert summary["energy"]["gpu"]["available"] is False and summary["energy"]["gpu"]["reason"]
     assert 0 <= summary["dice"]["validation_mean_fg_dice"] <= 1
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))

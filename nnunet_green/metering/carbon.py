@@ -1,16 +1,21 @@
-"""Carbon intensity and PUE settings: a small bundled country table, overridable by environment variables."""
+"""Carbon intensity and PUE settings: a small bundled country table, overridable by environment variables.
+
+The variables (`nnUNet_green_country`, `nnUNet_green_carbon_intensity`, `nnUNet_green_pue`) are read and validated
+by `contract.GreenSettings`; this module only turns them into a `CarbonSetting`.
+"""
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import asdict, dataclass
 from importlib import resources
+from typing import Mapping
 
-COUNTRY_ENV = "nnUNet_green_country"              # ISO 3166 alpha-3 (or alpha-2) code in the bundled table
-INTENSITY_ENV = "nnUNet_green_carbon_intensity"   # gCO2eq/kWh; wins over the country table
-PUE_ENV = "nnUNet_green_pue"                      # data-centre power usage effectiveness, default 1.0
-DEFAULT_COUNTRY = "WORLD"
+from nnunet_green.contract import ENV, GreenSettings, SettingsError, env_name
+
+COUNTRY_ENV = env_name("country")                   # ISO 3166 alpha-3 (or alpha-2) code in the bundled table
+INTENSITY_ENV = env_name("carbon_intensity")        # gCO2eq/kWh; wins over the country table
+PUE_ENV = env_name("pue")                           # data-centre power usage effectiveness
+DEFAULT_COUNTRY = ENV[COUNTRY_ENV].default
 
 
 @dataclass(frozen=True)
@@ -34,28 +39,20 @@ def _table() -> dict:
     return json.loads(resources.files(__package__).joinpath("carbon_intensity.json").read_text())
 
 
-def _positive_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {raw!r}")
-    return value
-
-
-def carbon_setting(environ: dict | None = None) -> CarbonSetting:
-    """The carbon setting chosen by the environment: explicit intensity, else country table (default WORLD)."""
-    env = os.environ if environ is None else environ
-    pue = _positive_float(PUE_ENV, env[PUE_ENV]) if env.get(PUE_ENV) else 1.0
-    if env.get(INTENSITY_ENV):
-        return CarbonSetting(_positive_float(INTENSITY_ENV, env[INTENSITY_ENV]), f"user ({INTENSITY_ENV})",
-                             env.get(COUNTRY_ENV) or None, pue)
+def carbon_setting(settings: GreenSettings | Mapping[str, str] | None = None) -> CarbonSetting:
+    """The carbon setting chosen by `settings` (default: the environment, or a mapping of variables): an explicit
+    intensity, else the country table (default WORLD). Bad values raise `SettingsError`."""
+    if not isinstance(settings, GreenSettings):
+        settings = GreenSettings.from_env(settings)
+    country = settings.country.upper() or DEFAULT_COUNTRY
+    if settings.carbon_intensity is not None:
+        # The country is only a label here; the default is not recorded as if the user had chosen it.
+        return CarbonSetting(settings.carbon_intensity, f"user ({INTENSITY_ENV})",
+                             None if country == DEFAULT_COUNTRY else country, settings.pue)
     table = _table()
-    requested = (env.get(COUNTRY_ENV) or DEFAULT_COUNTRY).strip().upper()
-    country = table["aliases"].get(requested, requested)
-    if country not in table["countries"]:
+    resolved = table["aliases"].get(country, country)
+    if resolved not in table["countries"]:
         known = ", ".join(sorted(table["countries"]))
-        raise ValueError(f"{COUNTRY_ENV}={requested!r} is not in the bundled table ({known}); "
-                         f"set {INTENSITY_ENV} to your grid's gCO2eq/kWh instead")
-    return CarbonSetting(table["countries"][country], table["source"], country, pue)
+        raise SettingsError(f"{COUNTRY_ENV}={country!r} is not in the bundled table ({known}); "
+                            f"set {INTENSITY_ENV} to your grid's gCO2eq/kWh instead")
+    return CarbonSetting(table["countries"][resolved], table["source"], resolved, settings.pue)

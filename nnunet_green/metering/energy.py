@@ -6,14 +6,15 @@ overhead is a few syscalls per epoch.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-CPU_WATTS_ENV = "nnUNet_green_cpu_watts"  # average CPU package power to estimate with when RAPL is unreadable
+from nnunet_green.contract import ENERGY_UNAVAILABLE, GreenSettings, env_name
+
+CPU_WATTS_ENV = env_name("cpu_watts")  # average CPU package power to estimate with when RAPL is unreadable
 RAPL_ROOT = Path("/sys/class/powercap")
 
 
@@ -138,15 +139,14 @@ class EnergyMeter:
     """Node energy for one training process: GPU (NVML) plus CPU (RAPL, else a labelled estimate, else none).
 
     Under DDP only the node leader (local rank 0) measures, and it measures every GPU the node uses, so node energy
-    is counted once.
+    is counted once. `cpu_watts` defaults to `settings.cpu_watts` (`settings`: default from the environment).
     """
 
     def __init__(self, device: torch.device, is_node_leader: bool = True, cpu_watts: float | None = None,
-                 nvml=None, rapl_root: Path = RAPL_ROOT, rapl_poll_s: float = 30.0):
-        if cpu_watts is None and os.environ.get(CPU_WATTS_ENV):
-            cpu_watts = float(os.environ[CPU_WATTS_ENV])
-            if not cpu_watts > 0:
-                raise ValueError(f"{CPU_WATTS_ENV} must be a positive number of watts")
+                 nvml=None, rapl_root: Path = RAPL_ROOT, rapl_poll_s: float = 30.0,
+                 settings: GreenSettings | None = None):
+        if cpu_watts is None:
+            cpu_watts = (settings or GreenSettings.from_env()).cpu_watts
         if not is_node_leader:
             self.gpu = _Unavailable("measured once per node by local rank 0")
             self.cpu = _Unavailable("measured once per node by local rank 0")
@@ -173,7 +173,7 @@ class EnergyMeter:
             parts.append("nvml")
         if self.cpu.available:
             parts.append("estimate" if isinstance(self.cpu, EstimatedCpuEnergy) else "rapl")
-        return "+".join(parts) or "unavailable"
+        return "+".join(parts) or ENERGY_UNAVAILABLE
 
     def read(self) -> tuple[float | None, float | None]:
         """(GPU joules, CPU joules) since creation; None for a counter that is not available."""

@@ -1,8 +1,11 @@
-"""Per-epoch measurement for a training run: `green_log.csv` (one row per epoch) and `green_summary.json`."""
+"""Per-epoch measurement for a training run: `green_log.csv` (one row per epoch) and `green_summary.json`.
+
+File names, the log's columns and the summary record come from `nnunet_green.contract` (GREEN_LOG_FILE,
+LOG_COLUMNS, GREEN_SUMMARY_FILE, TrainingSummary), which the report reads through as well.
+"""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time
@@ -12,13 +15,11 @@ from pathlib import Path
 import torch
 
 from nnunet_green import __version__
+from nnunet_green.contract import (GREEN_LOG_FILE, GREEN_SUMMARY_FILE, LOG_COLUMNS, SUMMARY_FORMAT, GreenSettings,
+                                   TrainingSummary)
 from nnunet_green.metering.carbon import CarbonSetting, carbon_setting
 from nnunet_green.metering.energy import EnergyMeter
 
-LOG_NAME, SUMMARY_NAME = "green_log.csv", "green_summary.json"
-COLUMNS = ("epoch", "epoch_s", "train_s", "val_s", "gpu_energy_j", "cpu_energy_j", "energy_j", "energy_source",
-           "co2eq_g", "gpu_mem_alloc_peak_mb", "gpu_mem_reserved_peak_mb", "host_rss_peak_mb", "train_loss",
-           "val_loss", "pseudo_dice", "meter_overhead_s")
 MB = 1024 ** 2
 
 
@@ -26,17 +27,21 @@ class EpochMeter:
     """Measures time, energy, CO2eq and peak memory per epoch, and appends one CSV row per epoch.
 
     Only the node leader writes files; other DDP ranks measure nothing (their node's energy is counted once).
-    Missing values are written as empty cells and `null`, never as 0.
+    Missing values are written as empty cells and `null`, never as 0. `settings` (default: from the environment)
+    chooses the CPU power estimate and the carbon setting unless `energy` / `carbon` are given.
     """
 
     def __init__(self, output_folder: str | os.PathLike, device: torch.device, is_node_leader: bool = True,
-                 energy: EnergyMeter | None = None, carbon: CarbonSetting | None = None):
+                 energy: EnergyMeter | None = None, carbon: CarbonSetting | None = None,
+                 settings: GreenSettings | None = None):
         self.folder = Path(output_folder)
         self.device = device
         self.is_node_leader = is_node_leader
-        self.energy = energy or EnergyMeter(device, is_node_leader)
-        self.carbon = carbon or carbon_setting()
-        self.log_path, self.summary_path = self.folder / LOG_NAME, self.folder / SUMMARY_NAME
+        if energy is None or carbon is None:
+            settings = settings or GreenSettings.from_env()
+        self.energy = energy or EnergyMeter(device, is_node_leader, settings=settings)
+        self.carbon = carbon or carbon_setting(settings)
+        self.log_path, self.summary_path = self.folder / GREEN_LOG_FILE, self.folder / GREEN_SUMMARY_FILE
         self.phases: dict[str, dict] = {}
         self._epoch = None
         self._overhead = 0.0
@@ -137,8 +142,9 @@ class EpochMeter:
             "meter_overhead_s": overhead,
             "meter_overhead_fraction": overhead / sum(epoch_s) if epoch_s and sum(epoch_s) > 0 else None,
         }
-        summary = {
-            "format": "nnunet-green-summary/1",
+        # Known keys of `extra` (e.g. "trainer") land in their TrainingSummary field, the rest in its `extra`.
+        summary = TrainingSummary.from_json({
+            "format": SUMMARY_FORMAT,
             "nnunet_green_version": __version__,
             "output_folder": str(self.folder),
             "device": str(self.device),
@@ -148,26 +154,24 @@ class EpochMeter:
             "energy": self.energy.describe(),
             "carbon": self.carbon.to_dict(),
             **(extra or {}),
-        }
-        tmp = self.summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
-        os.replace(tmp, self.summary_path)
-        return summary
+        }, str(self.summary_path))
+        summary.write(self.summary_path)
+        return summary.to_json()
 
     # --- files -------------------------------------------------------------------------------------------------
     def _append(self, row: dict) -> None:
         new = not self.log_path.is_file()
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
+            writer = csv.DictWriter(f, LOG_COLUMNS)
             if new:
                 writer.writeheader()
-            writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+            writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
 
     def _write_rows(self, rows: list[dict]) -> None:
         tmp = self.log_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
+            writer = csv.DictWriter(f, LOG_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.log_path)

@@ -1,44 +1,39 @@
 """`nnUNetTrainerGreen`: nnU-Net's trainer plus a precision policy, an optimizer recipe and a per-epoch meter.
 
-Subclasses only pick `precision` and `optimizer_recipe` (see variants.py). Everything else is nnU-Net's own
-training loop; the hooks below add measurement around it and a guard against non-finite steps.
+Subclasses only name `precision` and `optimizer_recipe` (see variants.py). Everything else is nnU-Net's own
+training loop; the hooks below add measurement around it, run each step under the policy's autocast and guard
+against non-finite steps. Settings come from `contract.GreenSettings` (read once, in `__init__`).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from os.path import isfile, join
 
 import numpy as np
 import torch
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import GradScaler
 
+from nnunet_green.contract import GreenSettings, env_name
 from nnunet_green.metering import EpochMeter
 from nnunet_green.training.optimizers import NNUNET_SGD, OptimizerRecipe, optimizer_state_bytes
 from nnunet_green.training.precision import FP32, Precision
 
-# Short runs for tests and demos (nnU-Net's `_Xepochs` classes still run 250 iterations per epoch).
-RUN_LENGTH_ENV = {
-    "num_epochs": "nnUNet_green_epochs",
-    "num_iterations_per_epoch": "nnUNet_green_iters",
-    "num_val_iterations_per_epoch": "nnUNet_green_val_iters",
+# Short runs for tests and demos (nnU-Net's `_Xepochs` classes still run 250 iterations per epoch):
+# trainer attribute -> GreenSettings field.
+RUN_LENGTH = {
+    "num_epochs": "epochs",
+    "num_iterations_per_epoch": "iters",
+    "num_val_iterations_per_epoch": "val_iters",
 }
-# Set to 1 to keep fp16 weights / autocast on CPU anyway (slow; for exercising the GPU code path on a CPU).
-CPU_LOW_PRECISION_ENV = "nnUNet_green_cpu_low_precision"
+# trainer attribute -> environment variable (finetune.py reads it; the names come from contract).
+RUN_LENGTH_ENV = {attribute: env_name(setting) for attribute, setting in RUN_LENGTH.items()}
+CPU_LOW_PRECISION_ENV = env_name("cpu_low_precision")
 # Per-epoch values added to nnU-Net's own logger (saved in every checkpoint's 'logging').
 LOGGED_KEYS = ("green_energy_j", "green_co2eq_g", "green_epoch_s", "green_nonfinite_steps")
-
-
-def _positive_int_from_env(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
-    return int(raw)
 
 
 class nnUNetTrainerGreen(nnUNetTrainer):
@@ -52,13 +47,14 @@ class nnUNetTrainerGreen(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         # Signature must stay exactly nnU-Net's: the base class records its init args from locals().
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for attribute, env in RUN_LENGTH_ENV.items():
-            value = _positive_int_from_env(env)
+        self.settings = GreenSettings.from_env()  # every nnUNet_green_* variable, validated once
+        for attribute, setting in RUN_LENGTH.items():
+            value = getattr(self.settings, setting)
             if value is not None:
                 setattr(self, attribute, value)
         if self.optimizer_recipe.initial_lr is not None:
             self.initial_lr = self.optimizer_recipe.initial_lr
-        self.active_precision = self.precision.on(self.device, os.environ.get(CPU_LOW_PRECISION_ENV) == "1")
+        self.active_precision = self.precision.on(self.device, self.settings.cpu_low_precision)
         self.grad_scaler = GradScaler(self.device.type) if self.active_precision.grad_scaler else None
         self.meter: EpochMeter | None = None
         self._nonfinite_in_epoch = 0
@@ -69,13 +65,14 @@ class nnUNetTrainerGreen(nnUNetTrainer):
 
     # --- set-up ------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        # nnU-Net calls this after building (and maybe compiling) the network: the place to cast weights.
+        # nnU-Net calls this after building (and maybe compiling) the network and before DDP wrapping: the place to
+        # cast weights (and register the half-weight hooks, see precision.py).
         if self.active_precision != self.precision:
             self.print_to_log_file(
                 f"nnunet-green: {self.precision.name} precision is a GPU feature; on {self.device.type} this run "
                 f"computes in fp32 (low precision on CPUs without native bf16/fp16 is 25-55x slower; set "
                 f"{CPU_LOW_PRECISION_ENV}=1 to keep it anyway). Optimizer: {self.optimizer_recipe.name}.")
-        self.active_precision.apply_(self.network, self.device)
+        self.active_precision.prepare_(self.network)
         optimizer = self.optimizer_recipe.build(self.network.parameters(), self.initial_lr, self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
@@ -90,16 +87,23 @@ class nnUNetTrainerGreen(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        self.meter = EpochMeter(self.output_folder, self.device, is_node_leader=self.local_rank == 0)
+        self.meter = self._new_meter()
         self.meter.resume(self.current_epoch)
 
+    def _new_meter(self) -> EpochMeter:
+        return EpochMeter(self.output_folder, self.device, is_node_leader=self.local_rank == 0,
+                          settings=self.settings)
+
     # --- one step ----------------------------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> dict:
+    def _batch_to_device(self, batch: dict):
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
+        return data, target
 
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._batch_to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self.active_precision.autocast(self.device):
             loss = self.loss(self.network(data), target)
@@ -120,6 +124,40 @@ class nnUNetTrainerGreen(nnUNetTrainer):
             else:
                 self._skip_nonfinite_step()
         return {"loss": loss.detach().float().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's online validation (loss and the pseudo-Dice counts), under this run's autocast: nnU-Net's own
+        step hard-codes fp16 autocast on CUDA, which would validate an fp32 or bf16 run in fp16."""
+        data, target = self._batch_to_device(batch)
+        with torch.no_grad(), self.active_precision.autocast(self.device):
+            output = self.network(data)
+            loss = self.loss(output, target)
+        del data
+        if self.enable_deep_supervision:  # counts at the highest resolution only
+            output, target = output[0], target[0]
+        return {"loss": loss.detach().float().cpu().numpy(), **self._hard_counts(output, target)}
+
+    def _hard_counts(self, output: torch.Tensor, target: torch.Tensor) -> dict:
+        """tp/fp/fn per foreground class of the hard prediction, with nnU-Net's label and ignore-label rules."""
+        labels = self.label_manager
+        if labels.has_regions:
+            hard = (torch.sigmoid(output) > 0.5).long()
+        else:  # argmax of the logits = argmax of the softmax
+            hard = torch.zeros(output.shape, device=output.device, dtype=torch.float16)
+            hard.scatter_(1, output.argmax(1, keepdim=True), 1)
+        mask = None
+        if labels.has_ignore_label:
+            if labels.has_regions:  # the last target channel marks ignored voxels
+                mask = ~target[:, -1:] if target.dtype == torch.bool else 1 - target[:, -1:]
+                target = target[:, :-1]
+            else:
+                mask = (target != labels.ignore_label).float()
+                target = torch.where(target == labels.ignore_label, torch.zeros_like(target), target)
+        axes = [0] + list(range(2, output.ndim))
+        tp, fp, fn, _ = get_tp_fp_fn_tn(hard, target, axes=axes, mask=mask)
+        counts = {"tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+        first = 0 if labels.has_regions else 1  # softmax training: drop the background class
+        return {k: v.detach().cpu().numpy()[first:] for k, v in counts.items()}
 
     def _skip_nonfinite_step(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -164,7 +202,7 @@ class nnUNetTrainerGreen(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.meter is None:  # `--val` only: no training ran in this process
-            self.meter = EpochMeter(self.output_folder, self.device, is_node_leader=self.local_rank == 0)
+            self.meter = self._new_meter()
         with self.meter.measure("final_validation"):
             super().perform_actual_validation(save_probabilities)
         self._write_summary()
