@@ -61,6 +61,7 @@ class nnUNetPlannerGreenLight(ExperimentPlanner):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         self.keep_configurations: tuple[str, ...] | None = None  # None: all that nnU-Net plans
+        self.share_data = True  # False: always own data identifiers, never nnUNetPlans' folders
         self.data_reuse: dict[str, str] = {}  # configuration -> reused data identifier (filled by save_plans)
 
     # --- the one real change: widths ---------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class nnUNetPlannerGreenLight(ExperimentPlanner):
         super().save_plans(plans)
 
     def _share_identical_data(self, plans: dict) -> dict[str, str]:
-        reference = self.reference_plans()
+        reference = self.reference_plans() if self.share_data else None
         if reference is None or any(_jsonable(plans.get(k)) != _jsonable(reference.get(k)) for k in _PLANS_DATA_KEYS):
             return {}
         reused = {}

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="MM", help="3d_fullres target spacing, as nnU-Net's option of that name")
     p.add_argument("-preprocessor_name", "--preprocessor-name", default="DefaultPreprocessor",
                    help="preprocessor class recorded in the plans (default DefaultPreprocessor)")
+    p.add_argument("--own-data", action="store_true",
+                   help="never share nnUNetPlans' preprocessed data: every configuration gets its own "
+                        "data identifier (nnUNetPlansGreenLight_<configuration>) and needs nnUNetv2_preprocess")
     p.add_argument("--time", action="store_true",
                    help="also time one training step (forward, backward, SGD step; random batch at the plans' "
                         "batch and patch size) of the light and the default network on this machine's CPU")
@@ -88,7 +91,7 @@ def _check_environment(dataset: str) -> tuple[str, Path]:
 
 
 def plan_dataset(dataset: str, configurations=None, gpu_memory_target=None, plans_name=None,
-                 target_spacing=None, preprocessor_name="DefaultPreprocessor", verbose=False):
+                 target_spacing=None, preprocessor_name="DefaultPreprocessor", verbose=False, share_data=True):
     """Run nnU-Net's planning with nnUNetPlannerGreenLight; returns (planner, plans dict, preprocessed folder)."""
     from nnunet_green.training.light_plans import nnUNetPlannerGreenLight
 
@@ -107,6 +110,7 @@ def plan_dataset(dataset: str, configurations=None, gpu_memory_target=None, plan
         planner = nnUNetPlannerGreenLight(name, suppress_transpose=False, **kwargs)
         if configurations:
             planner.keep_configurations = tuple(configurations)
+        planner.share_data = share_data
         plans = planner.plan_experiment()
     return planner, plans, pre
 
@@ -142,8 +146,15 @@ def _summary(planner, plans: dict, pre: Path, requested, time_steps: bool, repea
             lt = time_train_step(plans, conf_name, dataset_json, repeats)
             line += f"\n    CPU training step: {lt['step_s_median']:.2f} s (no nnUNetPlans to compare)"
         data = planner.data_reuse.get(conf_name)
-        line += (f"\n    data: reuses {data} (preprocessing identical to nnUNetPlans)" if data
-                 else f"\n    data: {conf['data_identifier']} (run nnUNetv2_preprocess)")
+        if data and (pre / data).is_dir():
+            line += (f"\n    data: reuses {data} (preprocessing identical to nnUNetPlans; already there, so no "
+                     f"nnUNetv2_preprocess needed; running it would delete and rewrite that folder)")
+        elif data:
+            line += (f"\n    data: reuses {data} (preprocessing identical to nnUNetPlans; not there yet: run "
+                     f"nnUNetv2_preprocess with either plans)")
+        else:
+            line += (f"\n    data: {conf['data_identifier']} (run nnUNetv2_preprocess -plans_name "
+                     f"{planner.plans_identifier})")
         lines.append(line)
     return lines
 
@@ -161,7 +172,8 @@ def main(argv=None) -> int:
     for dataset in args.d:
         try:
             planner, plans, pre = plan_dataset(dataset, args.c, args.gpu_memory_target, args.overwrite_plans_name,
-                                               args.overwrite_target_spacing, args.preprocessor_name, args.verbose)
+                                               args.overwrite_target_spacing, args.preprocessor_name, args.verbose,
+                                               share_data=not args.own_data)
             print("\n".join(_summary(planner, plans, pre, args.c, args.time, args.time_repeats)))
         except GreenError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
