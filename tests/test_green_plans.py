@@ -83,7 +83,10 @@ def test_loader_verdict_logic():
 def test_light_plans_keep_topology_and_share_data(hippocampus, light_plans):
     default = json.loads((hippocampus.preprocessed / DATASET / "nnUNetPlans.json").read_text())
     light, ref = light_plans["configurations"]["3d_fullres"], default["configurations"]["3d_fullres"]
-    assert light_plans["experiment_planner_used"] == "nnUNetPlannerGreenLight"
+    from nnunet_green.contract import LIGHT_PLANNER
+    from nnunet_green.training.light_plans import nnUNetPlannerGreenLight
+
+    assert light_plans["experiment_planner_used"] == LIGHT_PLANNER == nnUNetPlannerGreenLight.__name__
     assert light_plans["nnunet_green_planner"]["class"] == "nnunet_green.training.light_plans.nnUNetPlannerGreenLight"
     assert sorted(light_plans["configurations"]) == ["3d_fullres"]  # -c 3d_fullres
     for key in ("patch_size", "batch_size", "spacing", "normalization_schemes"):

@@ -30,12 +30,10 @@ from typing import Iterable, List, Tuple, Union
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_green.contract import GreenError
+from nnunet_green.contract import LIGHT_PLANS, GreenError
 
-LIGHT_PLANS = "nnUNetPlansGreenLight"
 REFERENCE_PLANS = "nnUNetPlans"
 PLANNER_KEY = "nnunet_green_planner"  # top-level plans key: provenance of the light widths
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 # per-configuration keys that decide what nnU-Net's DefaultPreprocessor writes
 _DATA_KEYS = ("preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
               "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs")

@@ -26,11 +26,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nnunet_green.contract import GreenError, write_json_atomic
+from nnunet_green.contract import LOADER_FILE, LOADER_FORMAT, LOADER_REPORT, GreenError, write_json_atomic
 
-LOADER_FILE = "loader.json"
-LOADER_REPORT = "loader.md"
-LOADER_FORMAT = "nnunet-green-loader/1"
 N_PROC_ENV = "nnUNet_n_proc_DA"
 DEFAULT_HEADROOM = 1.25  # a loader "keeps up" if it delivers this many times the batches the step consumes
 SERIAL_TOLERANCE = 0.05   # nnUNet_n_proc_DA=0 keeps up if loading adds at most this fraction to each step

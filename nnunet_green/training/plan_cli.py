@@ -10,9 +10,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from nnunet_green.contract import DATASET_FILE, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK, FINGERPRINT_FILE, GreenError
+from nnunet_green.contract import (DATASET_FILE, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK, FINGERPRINT_FILE, LIGHT_PLANNER,
+                                   LIGHT_PLANS, GreenError)
 
 PROG = "nnunet-green-plan"
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # nnU-Net's planned configurations
 
 EXAMPLES = f"""\
 examples:
@@ -36,9 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnunet_green.training.light_plans import CONFIGURATIONS, LIGHT_PLANS
-
-    p = _Parser(prog=PROG, description="Plan a lighter nnU-Net (planner nnUNetPlannerGreenLight, plans "
+    p = _Parser(prog=PROG, description=f"Plan a lighter nnU-Net (planner {LIGHT_PLANNER}, plans "
                 f"{LIGHT_PLANS}) for datasets whose fingerprint exists.",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", nargs="+", required=True, metavar="DATASET",
