@@ -41,7 +41,7 @@ class LoaderError(GreenError):
 @dataclass
 class LoaderRow:
     n_proc_DA: int                 # the value asked for (nnUNet_n_proc_DA)
-    workers: int                   # what nnU-Net uses: min(value, os.cpu_count()); 0 = in the main process
+    workers: int                   # background workers nnU-Net started (it caps the value at the CPU count); 0 = none
     augmenter: str                 # SingleThreadedAugmenter / NonDetMultiThreadedAugmenter
     startup_s: float               # get_dataloaders(): pipelines, worker start, first batch of each loader
     warmup_batches: int            # drained before timing (what the augmenter could have buffered)
@@ -231,7 +231,8 @@ def measure_loader(trainer, n_proc: int, batches: int, budget_s: float, tick=Non
             os.environ.pop(N_PROC_ENV, None)
         else:
             os.environ[N_PROC_ENV] = saved
-    row = LoaderRow(n_proc_DA=n_proc, workers=min(n_proc, os.cpu_count() or 1), augmenter=type(train).__name__,
+    workers = int(getattr(train, "num_processes", 0) or 0)
+    row = LoaderRow(n_proc_DA=n_proc, workers=workers, augmenter=type(train).__name__,
                     startup_s=round(startup, 3), warmup_batches=drained, timed_batches=timed,
                     timed_s=round(timed_s, 4), batches_per_s=round(timed / max(timed_s, 1e-9), 3),
                     steady_state=steady, stopped_early=timed < batches)
