@@ -63,7 +63,7 @@ def test_loader_verdict_logic():
     from nnunet_green.training.loader import LoaderRow, StepTiming, decide
 
     def row(n, rate):
-        return LoaderRow(n, n, "x", 0.1, 0, 5, 1.0, rate, True, False)
+        return LoaderRow(n, n, "x", 0.1, 0, 0.0, 5, 1.0, rate, True, False)
 
     step = StepTiming(0.5, [0.5], 2.0, "cuda", True)  # 2 steps/s -> 2.5 batches/s needed with 1.25x headroom
     bound, rec, text = decide([row(0, 1.0), row(2, 2.6), row(4, 5.0)], step)

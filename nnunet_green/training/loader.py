@@ -45,6 +45,7 @@ class LoaderRow:
     augmenter: str                 # SingleThreadedAugmenter / NonDetMultiThreadedAugmenter
     startup_s: float               # get_dataloaders(): pipelines, worker start, first batch of each loader
     warmup_batches: int            # drained before timing (what the augmenter could have buffered)
+    warmup_s: float
     timed_batches: int
     timed_s: float
     batches_per_s: float
@@ -217,6 +218,7 @@ def measure_loader(trainer, n_proc: int, batches: int, budget_s: float, tick=Non
             first = first if first is not None else batch
             drained += 1
         steady = drained >= warmup
+        warmup_s = time.perf_counter() - t0 - startup
         timed, t_start = 0, time.perf_counter()
         while timed < batches and (timed == 0 or time.perf_counter() < deadline):
             batch = next(train)
@@ -233,7 +235,8 @@ def measure_loader(trainer, n_proc: int, batches: int, budget_s: float, tick=Non
             os.environ[N_PROC_ENV] = saved
     workers = int(getattr(train, "num_processes", 0) or 0)
     row = LoaderRow(n_proc_DA=n_proc, workers=workers, augmenter=type(train).__name__,
-                    startup_s=round(startup, 3), warmup_batches=drained, timed_batches=timed,
+                    startup_s=round(startup, 3), warmup_batches=drained, warmup_s=round(warmup_s, 3),
+                    timed_batches=timed,
                     timed_s=round(timed_s, 4), batches_per_s=round(timed / max(timed_s, 1e-9), 3),
                     steady_state=steady, stopped_early=timed < batches)
     return row, first

@@ -20,13 +20,15 @@ EXAMPLES = f"""\
 examples:
   nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres        # or: nnUNetv2_extract_fingerprint -d 4
   {PROG} -d 4 -c 3d_fullres                           # -> nnUNet_preprocessed/Dataset004_*/nnUNetPlansGreenLight.json
-  nnUNetv2_preprocess -d 4 -plans_name nnUNetPlansGreenLight -c 3d_fullres
+  nnUNetv2_preprocess -d 4 -plans_name nnUNetPlansGreenLight -c 3d_fullres   # only if the data is not shared
   nnUNetv2_train 4 3d_fullres 0 -tr nnUNetTrainerGreenFP32 -p nnUNetPlansGreenLight
   nnUNetv2_predict -i imagesTs -o pred -d 4 -c 3d_fullres -f 0 -tr nnUNetTrainerGreenFP32 -p nnUNetPlansGreenLight
 
 The light plans keep nnU-Net's default patch size, batch size, spacing and topology and narrow the U-Net (16 base
 features instead of 32, cap 256 instead of 320). Where nnUNetPlans.json exists and a configuration's preprocessing
-is identical, the light plans point at its preprocessed data (no second copy on disk). Numbers: docs/light_plans.md.
+is identical, the light plans point at its preprocessed data (no second copy, no second preprocessing; re-running
+nnUNetv2_preprocess would delete and rewrite that folder). The output says which applies. Numbers:
+docs/light_plans.md.
 
 {EXIT_CODES_HELP}
 """
