@@ -18,9 +18,9 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # nnU-
 
 EXAMPLES = f"""\
 examples:
-  nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres        # or: nnUNetv2_extract_fingerprint -d 4
-  {PROG} -d 4 -c 3d_fullres                           # -> nnUNet_preprocessed/Dataset004_*/nnUNetPlansGreenLight.json
-  nnUNetv2_preprocess -d 4 -plans_name nnUNetPlansGreenLight -c 3d_fullres   # only if the data is not shared
+  nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres    # fingerprint + nnUNetPlans (or nnUNetv2_extract_fingerprint)
+  {PROG} -d 4 -c 3d_fullres              # -> $nnUNet_preprocessed/Dataset004_*/nnUNetPlansGreenLight.json
+  nnUNetv2_preprocess -d 4 -plans_name nnUNetPlansGreenLight -c 3d_fullres    # only if the data is not shared
   nnUNetv2_train 4 3d_fullres 0 -tr nnUNetTrainerGreenFP32 -p nnUNetPlansGreenLight
   nnUNetv2_predict -i imagesTs -o pred -d 4 -c 3d_fullres -f 0 -tr nnUNetTrainerGreenFP32 -p nnUNetPlansGreenLight
 
