@@ -203,3 +203,5 @@ def test_loader_bad_input(hippocampus, tmp_path):
     proc = run_module("nnunet_green.training.loader_cli", "-d", DATASET_ID, "-p", "nnUNetPlansNope", env=env)
     one_clear_error(proc, "nnUNetPlansNope")
     assert not any(tmp_path.iterdir())
+    proc = run_module("nnunet_green.training.loader_cli", "--help", env=env)
+    assert proc.returncode == 0 and "nnUNet_n_proc_DA" in proc.stdout and "exit status" in proc.stdout
