@@ -365,3 +365,10 @@ class BenchResult(_Record):
 # --- recovery kinds (compression.json "recovery"."kind"; the report labels models with it) ------------------------
 RECOVERY_DISTILLED = "distilled"
 RECOVERY_FINETUNED = "fine-tuned"
+
+# --- light plans and loader tuning (nnunet-green-plan, nnunet-green-loader) ----------------------------------------
+LIGHT_PLANS = "nnUNetPlansGreenLight"        # plans identifier written by nnunet-green-plan
+LIGHT_PLANNER = "nnUNetPlannerGreenLight"    # its planner class (nnunet_green.training.light_plans)
+LOADER_FILE = "loader.json"                  # nnunet-green-loader's record, in the trainer's fold folder or -o
+LOADER_REPORT = "loader.md"
+LOADER_FORMAT = "nnunet-green-loader/1"
