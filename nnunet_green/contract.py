@@ -38,7 +38,9 @@ RANKS_KEY = "tucker_ranks"               # arch_kwargs key: {canonical conv name
 # --- per-epoch log columns (green_log.csv) -----------------------------------------------------------------------
 LOG_COLUMNS = ("epoch", "epoch_s", "train_s", "val_s", "gpu_energy_j", "cpu_energy_j", "energy_j", "energy_source",
                "co2eq_g", "gpu_mem_alloc_peak_mb", "gpu_mem_reserved_peak_mb", "host_rss_peak_mb", "train_loss",
-               "val_loss", "pseudo_dice", "meter_overhead_s")
+               "val_loss", "pseudo_dice", "meter_overhead_s", "data_wait_s")
+# columns added after the first release: an older log lacks them legitimately (shown as missing, no warning)
+LATER_LOG_COLUMNS = ("data_wait_s",)
 ENERGY_UNAVAILABLE = "unavailable"  # energy_source when no counter and no estimate
 
 # --- trainers ----------------------------------------------------------------------------------------------------

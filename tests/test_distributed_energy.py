@@ -8,7 +8,7 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nnunet_green.metering.distributed import is_writer, node_energy_sum
+from nnunet_green.metering.distributed import is_node_leader, is_writer, node_energy_sum, rank0_decides
 
 # (local rank, GPU joules, CPU joules) of rank 0 and rank 1, and the total every rank must get
 SCENARIOS = [
@@ -37,7 +37,9 @@ def _worker(rank, world, port, results):
             leader = local == 0
             # what a rank's meter reads: node leaders their node's counters, the others nothing
             totals.append(node_energy_sum(gpu_j if leader else None, cpu_j if leader else None, leader))
-        results[rank] = (totals, is_writer())
+        # a stop decision: rank 0's view wins on every rank, so all leave the training loop at the same epoch
+        decided = (rank0_decides(rank == 0), rank0_decides(rank == 1))
+        results[rank] = (totals, is_writer(), decided)
     finally:
         dist.destroy_process_group()
 
@@ -48,12 +50,22 @@ def test_node_energy_is_counted_once_per_node_and_summed_over_nodes():
         mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
         results = dict(results)
     for rank in (0, 1):
-        totals, writer = results[rank]
+        totals, writer, decided = results[rank]
         assert totals == [expected for _, expected in SCENARIOS]
         assert writer == (rank == 0)  # files are written once per job
+        assert decided == (True, False)
 
 
 def test_single_process_is_unchanged():
     assert not dist.is_initialized()
     assert node_energy_sum(5.0, None, is_node_leader=True) == (5.0, None)
     assert is_writer()
+
+
+def test_node_leader_from_launcher_or_nnunet_rank(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert is_node_leader(0) and not is_node_leader(1)  # nnU-Net's -num_gpus: one node, its rank decides
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert is_node_leader(4)  # torchrun on a second node: global rank 4 is that node's local rank 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_node_leader(0)

@@ -75,3 +75,61 @@ def test_full_schedule_estimate_is_labelled_and_extrapolated():
     assert est["time_s"] == pytest.approx(100) and est["energy_j"] == pytest.approx(1000)
     assert est["epochs_saved"] == 6 and est["time_saved_s"] == pytest.approx(60)
     assert full_schedule_estimate([dict(r, energy_j=None) for r in rows(2)], 2, 10)["energy_j"] is None
+
+
+# --- through the stock CLIs -----------------------------------------------------------------------------------------
+def _machine_measures_cpu_energy() -> bool:
+    import torch
+
+    from nnunet_green.metering import EnergyMeter
+    meter = EnergyMeter(torch.device("cpu"))
+    meter.close()
+    return meter.source != "unavailable"
+
+
+def test_plateau_stops_the_nnunet_way_and_continue_does_not_train_on(hippocampus, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    # min_delta 1.0: no pseudo-Dice gain can count, so patience 1 stops after epoch 1 of 6
+    stop_env = dict(nnUNet_green_patience=1, nnUNet_green_min_delta=1.0)
+    fold = hippocampus.train("nnUNetTrainerGreen8bit", fold=2, epochs=6, iters=2, val_iters=1, **stop_env)
+    assert (fold / "checkpoint_final.pth").is_file() and not (fold / "checkpoint_latest.pth").exists()
+    assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's final validation ran as after a full run
+    summary = json.loads((fold / "green_summary.json").read_text())
+    stop = summary["stopping"]
+    assert stop["reason"] == "plateau" and stop["epoch"] == 1 and stop["best_epoch"] == 0
+    assert summary["epochs_logged"] == 2
+    full = stop["full_schedule"]
+    assert "extrapolated" in full["method"] and full["num_epochs"] == 6 and full["epochs_saved"] == 4
+    assert full["time_s"] > summary["totals"]["time_s"] * 2  # 6 epochs extrapolated from 2
+    assert summary["totals"]["data_wait_s"] is not None and 0 <= summary["totals"]["data_wait_fraction"] <= 1
+
+    # `--c` with the same policy: the run is not trained on, and says so
+    hippocampus.train("nnUNetTrainerGreen8bit", fold=2, epochs=6, iters=2, val_iters=1, extra_args=["--c"],
+                      **stop_env)
+    again = json.loads((fold / "green_summary.json").read_text())
+    assert again["epochs_logged"] == 2 and again["stopping"]["reason"] == "plateau"
+    logs = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "does not train on" in logs
+
+    # the stopped model predicts like any other
+    out = tmp_path / "pred"
+    run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", out, "-d", 4, "-c", "3d_fullres",
+            "-tr", "nnUNetTrainerGreen8bit", "-f", 2, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1,
+            env=hippocampus.env())
+    assert len(list(out.glob("*.nii.gz"))) == len(list(hippocampus.test_images.glob("*.nii.gz")))
+
+
+def test_energy_budget_without_a_counter_is_refused_before_training(hippocampus):
+    from conftest import DATASET_ID, run_cli
+
+    if _machine_measures_cpu_energy():
+        pytest.skip("this machine measures CPU energy: an energy budget is accepted here")
+    proc = run_cli("nnUNetv2_train", DATASET_ID, "3d_fullres", 3, "-tr", "nnUNetTrainerGreenFP32", "-device", "cpu",
+                   env=hippocampus.env(nnUNet_green_budget_kwh=0.5, nnUNet_green_epochs=1, nnUNet_green_iters=1),
+                   check=False)
+    assert proc.returncode != 0
+    assert "nnUNet_green_budget_kwh" in proc.stderr and "nnUNet_green_budget_hours" in proc.stderr
+    assert not (hippocampus.model_folder("nnUNetTrainerGreenFP32") / "fold_3" / "checkpoint_final.pth").exists()

@@ -19,9 +19,11 @@ def _group_size() -> int:
     return torch.distributed.get_world_size()
 
 
-def local_rank() -> int:
-    """This process's rank on its node (torchrun and nnU-Net's DDP launcher set LOCAL_RANK)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+def is_node_leader(rank: int) -> bool:
+    """Whether this process reads its node's counters: LOCAL_RANK 0 where a launcher sets it (torchrun, multi-node),
+    else the given rank (nnU-Net's own `-num_gpus` launcher spawns one node's processes and sets no LOCAL_RANK; its
+    trainers call their global rank `local_rank`)."""
+    return int(os.environ.get("LOCAL_RANK", rank)) == 0
 
 
 def is_writer() -> bool:
@@ -49,3 +51,14 @@ def node_energy_sum(gpu_j: float | None, cpu_j: float | None, is_node_leader: bo
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     gpu_sum, gpu_nodes, cpu_sum, cpu_nodes, nodes = t.tolist()
     return (gpu_sum if 0 < gpu_nodes == nodes else None, cpu_sum if 0 < cpu_nodes == nodes else None)
+
+
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (a collective), so that all ranks leave a loop at the same epoch."""
+    if _group_size() == 1:
+        return flag
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

@@ -18,6 +18,7 @@ from nnunet_green import __version__
 from nnunet_green.contract import (GREEN_LOG_FILE, GREEN_SUMMARY_FILE, LOG_COLUMNS, SUMMARY_FORMAT, GreenSettings,
                                    TrainingSummary)
 from nnunet_green.metering.carbon import CarbonSetting, carbon_setting
+from nnunet_green.metering.distributed import is_writer, node_energy_sum
 from nnunet_green.metering.energy import EnergyMeter
 
 MB = 1024 ** 2
@@ -26,7 +27,8 @@ MB = 1024 ** 2
 class EpochMeter:
     """Measures time, energy, CO2eq and peak memory per epoch, and appends one CSV row per epoch.
 
-    Only the node leader writes files; other DDP ranks measure nothing (their node's energy is counted once).
+    Under DDP each node's leader (local rank 0) reads its node's counters, the nodes are summed
+    (`distributed.node_energy_sum`, a collective every rank takes part in) and only the job's rank 0 writes files.
     Missing values are written as empty cells and `null`, never as 0. `settings` (default: from the environment)
     chooses the CPU power estimate and the carbon setting unless `energy` / `carbon` are given.
     """
@@ -37,22 +39,29 @@ class EpochMeter:
         self.folder = Path(output_folder)
         self.device = device
         self.is_node_leader = is_node_leader
+        self.writes = is_node_leader and is_writer()
         if energy is None or carbon is None:
             settings = settings or GreenSettings.from_env()
         self.energy = energy or EnergyMeter(device, is_node_leader, settings=settings)
         self.carbon = carbon or carbon_setting(settings)
         self.log_path, self.summary_path = self.folder / GREEN_LOG_FILE, self.folder / GREEN_SUMMARY_FILE
         self.phases: dict[str, dict] = {}
+        self._rows: list[dict] = []  # this run's epochs (resumed ones included), parsed
         self._epoch = None
         self._overhead = 0.0
 
     # --- per epoch ---------------------------------------------------------------------------------------------
     def resume(self, next_epoch: int) -> None:
         """Keep the rows of epochs before `next_epoch` (a `--c` run restarts from its checkpoint's epoch)."""
-        if not self.is_node_leader or not self.log_path.is_file():
+        if not self.writes or not self.log_path.is_file():
             return
         rows = [r for r in read_log(self.log_path) if int(r["epoch"]) < next_epoch]
         self._write_rows(rows)
+        self._rows = [{k: _parse(v) for k, v in r.items()} for r in rows]
+
+    def rows(self) -> list[dict]:
+        """Per-epoch rows of this run so far (numbers parsed, None where missing)."""
+        return list(self._rows)
 
     def start_epoch(self, epoch: int) -> None:
         t = time.perf_counter()
@@ -71,11 +80,13 @@ class EpochMeter:
         self._val_start = t
         self._overhead += time.perf_counter() - t
 
-    def end_epoch(self, train_loss=None, val_loss=None, pseudo_dice=None) -> dict:
+    def end_epoch(self, train_loss=None, val_loss=None, pseudo_dice=None, data_wait_s=None) -> dict:
+        """`data_wait_s`: time the training loop spent waiting for batches in this epoch (the rest of `train_s`
+        is compute)."""
         t_end = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        gpu_j, cpu_j = _deltas(self.energy.read(), self._energy_start)
+        gpu_j, cpu_j = node_energy_sum(*_deltas(self.energy.read(), self._energy_start), self.is_node_leader)
         energy_j = None if gpu_j is None and cpu_j is None else (gpu_j or 0.0) + (cpu_j or 0.0)
         val_start = self._val_start if self._val_start is not None else t_end
         cuda = self.device.type == "cuda"
@@ -95,11 +106,13 @@ class EpochMeter:
             "train_loss": _finite_or_none(train_loss),
             "val_loss": _finite_or_none(val_loss),
             "pseudo_dice": _finite_or_none(pseudo_dice),
+            "data_wait_s": data_wait_s,
         }
         # Overhead up to here; appending one CSV line afterwards costs microseconds and is not counted.
         row["meter_overhead_s"] = self._overhead + (time.perf_counter() - t_end)
-        if self.is_node_leader:
+        if self.writes:
             self._append(row)
+        self._rows.append(row)
         return row
 
     @contextmanager
@@ -109,17 +122,17 @@ class EpochMeter:
         try:
             yield
         finally:
-            gpu_j, cpu_j = _deltas(self.energy.read(), start)
+            gpu_j, cpu_j = node_energy_sum(*_deltas(self.energy.read(), start), self.is_node_leader)
             self.phases[phase] = {"time_s": time.perf_counter() - t0, "gpu_energy_j": gpu_j, "cpu_energy_j": cpu_j,
                                   "energy_j": None if gpu_j is None and cpu_j is None
                                   else (gpu_j or 0.0) + (cpu_j or 0.0)}
 
     # --- summary -----------------------------------------------------------------------------------------------
     def write_summary(self, extra: dict | None = None) -> dict | None:
-        if not self.is_node_leader:
+        if not self.writes:
             return None
         rows = read_log(self.log_path) if self.log_path.is_file() else []
-        column = lambda name: [_parse(r[name]) for r in rows]  # noqa: E731
+        column = lambda name: [_parse(r.get(name)) for r in rows]  # noqa: E731
         epoch_s = [v for v in column("epoch_s") if v is not None]
         overhead = sum(v for v in column("meter_overhead_s") if v is not None)
         final_val = self.phases.get("final_validation", {})
@@ -139,6 +152,8 @@ class EpochMeter:
             "gpu_mem_alloc_peak_mb": _max_or_none(column("gpu_mem_alloc_peak_mb")),
             "gpu_mem_reserved_peak_mb": _max_or_none(column("gpu_mem_reserved_peak_mb")),
             "host_rss_peak_mb": _max_or_none(column("host_rss_peak_mb")),
+            "data_wait_s": _sum_or_none(column("data_wait_s")),
+            "data_wait_fraction": _fraction(_sum_or_none(column("data_wait_s")), _sum_or_none(column("train_s"))),
             "meter_overhead_s": overhead,
             "meter_overhead_fraction": overhead / sum(epoch_s) if epoch_s and sum(epoch_s) > 0 else None,
         }
@@ -209,6 +224,10 @@ def _finite_or_none(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _fraction(part, whole):
+    return part / whole if part is not None and whole else None
 
 
 def _sum_or_none(values):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_green.contract import (BASELINE_TRAINER, BENCH_FILE, BENCH_FORMAT, GREEN_LOG_FILE, GREEN_SUMMARY_FILE,
-                                   LOG_COLUMNS, MANIFEST_FILE, BenchResult, CompressionManifest, GreenError,
-                                   SchemaError, TrainingSummary)
+                                   LATER_LOG_COLUMNS, LOG_COLUMNS, MANIFEST_FILE, BenchResult, CompressionManifest,
+                                   GreenError, SchemaError, TrainingSummary)
 
 FOLD_DIR = re.compile(r"fold_(\d+|all)$")
 # Folders that never hold inputs but can be large (nnU-Net predictions, caches).
@@ -183,7 +183,7 @@ def read_fold(folder: Path, warnings: list[str] | None = None) -> FoldRun:
                     warnings.append(f"{log}: no 'epoch' column (columns: {', '.join(header) or 'none'}), not a "
                                     f"{GREEN_LOG_FILE} this version reads; ignored")
                 else:
-                    lacking = [c for c in LOG_COLUMNS if c not in header]
+                    lacking = [c for c in LOG_COLUMNS if c not in header and c not in LATER_LOG_COLUMNS]
                     if lacking:
                         warnings.append(f"{log}: lacks column(s) {', '.join(lacking)} (written by another "
                                         "version?); those values are shown as missing")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from os.path import isfile, join
 
 import numpy as np
@@ -17,10 +18,12 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import GradScaler
 
-from nnunet_green.contract import GreenSettings, env_name
+from nnunet_green.contract import ENERGY_UNAVAILABLE, GreenSettings, env_name
 from nnunet_green.metering import EpochMeter
+from nnunet_green.metering.distributed import is_node_leader, rank0_decides
 from nnunet_green.training.optimizers import NNUNET_SGD, OptimizerRecipe, optimizer_state_bytes
 from nnunet_green.training.precision import FP32, Precision
+from nnunet_green.training.stopping import StoppingPolicy, full_schedule_estimate
 
 # Short runs for tests and demos (nnU-Net's `_Xepochs` classes still run 250 iterations per epoch):
 # trainer attribute -> GreenSettings field.
@@ -33,7 +36,29 @@ RUN_LENGTH = {
 RUN_LENGTH_ENV = {attribute: env_name(setting) for attribute, setting in RUN_LENGTH.items()}
 CPU_LOW_PRECISION_ENV = env_name("cpu_low_precision")
 # Per-epoch values added to nnU-Net's own logger (saved in every checkpoint's 'logging').
-LOGGED_KEYS = ("green_energy_j", "green_co2eq_g", "green_epoch_s", "green_nonfinite_steps")
+LOGGED_KEYS = ("green_energy_j", "green_co2eq_g", "green_epoch_s", "green_nonfinite_steps", "green_data_wait_s")
+STOP_CHECKPOINT_KEY = "green_stopping"  # the stop record, kept in checkpoints so that `--c` does not train on
+
+
+class StopTraining(Exception):
+    """Raised after an epoch's checkpointing when the stopping policy says stop; ends nnU-Net's loop."""
+
+
+class TimedBatches:
+    """Iterator over one of nnU-Net's data loaders that adds the time spent waiting in `next()` to `wait_s`:
+    the training loop's input starvation, as opposed to compute."""
+
+    def __init__(self, loader):
+        self.loader, self.wait_s = loader, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        self.wait_s += time.perf_counter() - t0
+        return batch
 
 
 class nnUNetTrainerGreen(nnUNetTrainer):
@@ -57,6 +82,8 @@ class nnUNetTrainerGreen(nnUNetTrainer):
         self.active_precision = self.precision.on(self.device, self.settings.cpu_low_precision)
         self.grad_scaler = GradScaler(self.device.type) if self.active_precision.grad_scaler else None
         self.meter: EpochMeter | None = None
+        self.stopping = StoppingPolicy.from_settings(self.settings)
+        self.stop_record: dict | None = None
         self._nonfinite_in_epoch = 0
         self._nonfinite_in_a_row = 0
         logging = self.logger.local_logger.my_fantastic_logging
@@ -76,8 +103,19 @@ class nnUNetTrainerGreen(nnUNetTrainer):
         optimizer = self.optimizer_recipe.build(self.network.parameters(), self.initial_lr, self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.stop_record is not None and self.local_rank == 0 and not self.disable_checkpointing:
+            # nnU-Net's checkpoint dict has fixed keys; add ours to the file it just wrote.
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[STOP_CHECKPOINT_KEY] = self.stop_record
+            torch.save(checkpoint, filename)
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        self.stop_record = checkpoint.get(STOP_CHECKPOINT_KEY)
         # A checkpoint written by a non-green trainer has none of our logger keys: pad them to the current epoch
         # so nnU-Net's "one value per epoch" logger and progress.png stay aligned.
         logging = self.logger.local_logger.my_fantastic_logging
@@ -86,12 +124,49 @@ class nnUNetTrainerGreen(nnUNetTrainer):
             values.extend([float("nan")] * (self.current_epoch - len(values)))
 
     def on_train_start(self):
-        super().on_train_start()
         self.meter = self._new_meter()
+        if self.meter.is_node_leader:  # refuse an unmeasurable energy budget before nnU-Net starts its loaders
+            source = self.meter.energy.source
+            self.stopping.check_start(source, source != ENERGY_UNAVAILABLE)
+        super().on_train_start()
         self.meter.resume(self.current_epoch)
+        if self.stopping.active:
+            self.print_to_log_file(f"nnunet-green: stopping policy: {self.stopping.describe()}")
+        self.dataloader_train = TimedBatches(self.dataloader_train)
+        if self.stop_record is not None:
+            self._refuse_to_train_on()
+
+    def _refuse_to_train_on(self):
+        """`--c` on a run that stopped early: stop again unless the current policy lets it go on (said in the log)."""
+        previous = self.stop_record
+        decision = self._stop_decision()
+        if decision is not None:
+            self.print_to_log_file(
+                f"nnunet-green: this run stopped at epoch {previous['epoch']} ({previous['reason']}); the stopping "
+                f"policy still says stop, so it does not train on. To train further, change or unset "
+                f"{env_name('patience')} / {env_name('budget_kwh')} / {env_name('budget_hours')}.")
+            raise StopTraining
+        self.print_to_log_file(
+            f"nnunet-green: this run had stopped at epoch {previous['epoch']} ({previous['reason']}); the current "
+            f"stopping policy ({self.stopping.describe()}) lets it train on from epoch {self.current_epoch}.")
+        self.stop_record = None
+
+    def run_training(self):
+        try:
+            super().run_training()
+        except StopTraining:
+            self.on_train_end()
+
+    def _stop_decision(self) -> dict | None:
+        if not self.stopping.active:
+            return None
+        decision = self.stopping.decide(self.meter.rows(), self.logger.get_value("ema_fg_dice", step=None)) \
+            if self.meter.rows() else None
+        # every DDP rank must leave the loop at the same epoch: rank 0's view decides
+        return decision if rank0_decides(decision is not None) else None
 
     def _new_meter(self) -> EpochMeter:
-        return EpochMeter(self.output_folder, self.device, is_node_leader=self.local_rank == 0,
+        return EpochMeter(self.output_folder, self.device, is_node_leader=is_node_leader(self.local_rank),
                           settings=self.settings)
 
     # --- one step ----------------------------------------------------------------------------------------------
@@ -173,6 +248,7 @@ class nnUNetTrainerGreen(nnUNetTrainer):
     # --- metering hooks ----------------------------------------------------------------------------------------
     def on_epoch_start(self):
         self._nonfinite_in_epoch = 0
+        self.dataloader_train.wait_s = 0.0
         self.meter.start_epoch(self.current_epoch)
         super().on_epoch_start()
 
@@ -183,20 +259,33 @@ class nnUNetTrainerGreen(nnUNetTrainer):
     def on_epoch_end(self):
         value = self.logger.get_value
         row = self.meter.end_epoch(train_loss=value("train_losses", step=-1), val_loss=value("val_losses", step=-1),
-                                   pseudo_dice=value("mean_fg_dice", step=-1))
+                                   pseudo_dice=value("mean_fg_dice", step=-1),
+                                   data_wait_s=self.dataloader_train.wait_s)
         epoch = self.current_epoch
         self.logger.log("green_energy_j", _or_nan(row["energy_j"]), epoch)
         self.logger.log("green_co2eq_g", _or_nan(row["co2eq_g"]), epoch)
         self.logger.log("green_epoch_s", row["epoch_s"], epoch)
         self.logger.log("green_nonfinite_steps", self._nonfinite_in_epoch, epoch)
+        self.logger.log("green_data_wait_s", row["data_wait_s"], epoch)
         energy = "n/a" if row["energy_j"] is None else f"{row['energy_j']:.1f} J ({row['energy_source']})"
         rss = "n/a" if row["host_rss_peak_mb"] is None else f"{row['host_rss_peak_mb']:.0f} MB"
-        self.print_to_log_file(f"nnunet-green: energy {energy}, peak host RSS {rss}"
+        wait = row["data_wait_s"]
+        share = f" ({wait / row['train_s']:.0%})" if row["train_s"] > 0 else ""
+        self.print_to_log_file(f"nnunet-green: energy {energy}, peak host RSS {rss}, waiting for data "
+                               f"{wait:.2f} s{share} of {row['train_s']:.2f} s training"
                                + (f", {self._nonfinite_in_epoch} non-finite steps skipped"
                                   if self._nonfinite_in_epoch else ""))
-        super().on_epoch_end()
+        super().on_epoch_end()  # checkpoints as usual; increments current_epoch
+        decision = self._stop_decision() if self.current_epoch < self.num_epochs else None
+        if decision is not None:
+            self.stop_record = decision
+            self.print_to_log_file(f"nnunet-green: stopping after epoch {decision['epoch']} "
+                                   f"({decision['reason']}; policy: {self.stopping.describe()})")
+            raise StopTraining
 
     def on_train_end(self):
+        if isinstance(self.dataloader_train, TimedBatches):  # nnU-Net shuts its own loader classes down
+            self.dataloader_train = self.dataloader_train.loader
         super().on_train_end()
         self._write_summary()
 
@@ -228,12 +317,24 @@ class nnUNetTrainerGreen(nnUNetTrainer):
             "iterations_per_epoch": self.num_iterations_per_epoch,
             "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
             "nonfinite_steps_skipped": int(np.nansum(logging["green_nonfinite_steps"])),
+            "stopping": self._stopping_summary(),
             "dice": {
                 "pseudo_dice_last": _last(logging["mean_fg_dice"]),
                 "ema_pseudo_dice_best": None if self._best_ema is None else float(self._best_ema),
                 "validation_mean_fg_dice": validation_dice,
             },
         })
+
+
+    def _stopping_summary(self) -> dict:
+        """Why and when training ended, and what the full schedule would have cost (extrapolated, labelled)."""
+        rows = self.meter.rows()
+        if self.stop_record is None:
+            last = rows[-1]["epoch"] if rows else None
+            reason = "schedule_complete" if self.current_epoch >= self.num_epochs else "interrupted"
+            return {"reason": reason, "epoch": last, "policy": self.stopping.describe()}
+        return {**self.stop_record, "policy": self.stopping.describe(),
+                "full_schedule": full_schedule_estimate(rows, self.current_epoch, self.num_epochs)}
 
 
 def _or_nan(value):

@@ -56,7 +56,7 @@ class StoppingPolicy:
         """The stop record after the last finished epoch, or None to train on.
 
         `epochs`: this run's per-epoch meter rows so far ('epoch', 'epoch_s', 'energy_j'); `ema_pseudo_dice`:
-        nnU-Net's EMA pseudo-Dice per epoch (same length)."""
+        nnU-Net's EMA pseudo-Dice of every epoch, index = epoch (its logger's list)."""
         if not epochs:
             return None
         epoch = int(epochs[-1]["epoch"])
@@ -68,7 +68,7 @@ class StoppingPolicy:
         if self.patience is not None:
             best_epoch, best = _best(ema_pseudo_dice, self.min_delta)
             if best_epoch is not None and len(ema_pseudo_dice) - 1 - best_epoch >= self.patience:
-                return {"reason": "plateau", **record, "best_epoch": int(epochs[best_epoch]["epoch"]),
+                return {"reason": "plateau", **record, "best_epoch": best_epoch,
                         "best_ema_pseudo_dice": best, "patience": self.patience, "min_delta": self.min_delta}
         n = len(epochs)
         if self.budget_hours is not None:
