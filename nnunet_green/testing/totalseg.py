@@ -83,6 +83,27 @@ def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_wei
     return folder
 
 
+def random_model_folder(root: str | Path, dataset: dict, plans: dict | None = None, network_class: str | None = None,
+                        seed: int = 0) -> Path:
+    """`write_model_folder` with random weights of the network these plans describe (default: the small
+    `ts_old_format_plans()`). `network_class`: dotted name of another network class; the plans are then written in
+    the new format (as nnU-Net converts them) with that class."""
+    import torch
+
+    from nnunet_green.nnunet_io import build_network as build, configuration_managers, find_trainer
+
+    plans = ts_old_format_plans() if plans is None else plans
+    if network_class is not None:
+        _, cm = configuration_managers(plans, "3d_fullres")
+        conf = json.loads(json.dumps(cm.configuration))
+        conf["architecture"]["network_class_name"] = network_class
+        plans = {**plans, "configurations": {"3d_fullres": conf}}
+    pm, cm = configuration_managers(plans, "3d_fullres")
+    torch.manual_seed(seed)
+    net = build(find_trainer(TRAINER), pm, cm, dataset)
+    return write_model_folder(root, plans, dataset, net.state_dict())
+
+
 def offline_env(weights: str | Path, home: str | Path) -> dict:
     """Environment for the TotalSegmentator CLI on `weights` that never reaches the network: its config.json in
     `home` turns off usage statistics (otherwise it posts them), and nnU-Net's own folders are unset."""
