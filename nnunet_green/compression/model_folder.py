@@ -160,7 +160,7 @@ def resolve_source(src: Path, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
         raise CompressionError(f"{src} is already compressed ({MANIFEST_FILE} present)")
     if folder.is_compressed:
         raise CompressionError(f"{src} is already compressed ({PLANS_FILE} names the factorized network)")
-    folder.dataset_json  # noqa: B018  (a missing dataset.json is reported before any checkpoint is read)
+    _ = folder.dataset_json  # read now: a missing dataset.json is reported before any checkpoint is loaded
 
     present = folder.folds(checkpoint)
     if not folds:
