@@ -49,6 +49,8 @@ FINETUNE_TRAINER = "nnUNetTrainerTuckerFinetune"
 
 # --- defaults ----------------------------------------------------------------------------------------------------
 DEFAULT_RANK_RATIO = 0.12
+DEFAULT_MIN_RANK = 8   # Tucker rank floor per mode
+DEFAULT_ROUND_TO = 8   # ranks rounded to multiples of this (GPU-friendly)
 
 
 # --- errors and exit codes ---------------------------------------------------------------------------------------
@@ -291,6 +293,7 @@ class CompressionManifest(_Record):
     trainer_name: str = ""
     dense_network_class: str = ""
     verification: dict | None = None
+    carried_over: dict = field(default_factory=dict)  # {relative path: what it describes}: files of the DENSE source
     extra: dict = field(default_factory=dict)
 
     @property

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from conftest import BIN, run_cli
+from nnunet_green.contract import EXIT_BAD_INPUT, EXIT_CODES_HELP
 
 TRAINER = "nnUNetTrainerGreenFP32"
 FOLDER = f"{TRAINER}__nnUNetPlans__3d_fullres"
@@ -117,6 +121,11 @@ def test_written_folder_plans_manifest_checkpoint(dense, compressed):
     assert all(isinstance(lay["rel_error"], float) and 0 <= lay["rel_error"] < 1 for lay in factorized)
     assert all(ranks[lay["name"]] == [lay["rank_in"], lay["rank_out"]] for lay in factorized)
     assert m["verification"]["strict_load"] is True
+    # the files nnU-Net's exporter needs come from the dense source, and the manifest says they describe it
+    carried = {rel for rel in ("fold_0/progress.png", "fold_0/validation/summary.json") if (dense / rel).is_file()}
+    assert "fold_0/progress.png" in carried and set(m["carried_over"]) == carried
+    assert all("dense source model" in what for what in m["carried_over"].values())
+    assert all((out / rel).read_bytes() == (dense / rel).read_bytes() for rel in carried)
 
     ck = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     src = torch.load(dense / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -213,7 +222,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 
 class GroupedUNet(PlainConvUNet):
-    """PlainConvUNet whose first conv is grouped (depthwise-like): not Tucker-2 factorizable."""
+    """PlainConvUNet whose second conv is grouped (depthwise-like): not Tucker-2 factorizable, left dense."""
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         conv = self.encoder.stages[0][0].convs[1].conv
@@ -268,16 +277,16 @@ def _corrupt(folder: Path, case: str, tmp_path: Path, monkeypatch) -> list[str]:
 
 
 BAD_FOLDERS = ["no_plans", "no_dataset_json", "missing_checkpoint", "corrupt_checkpoint", "not_a_checkpoint",
-               "fold_not_present", "already_compressed_manifest", "unknown_network_class", "grouped_conv"]
+               "fold_not_present", "already_compressed_manifest", "unknown_network_class"]
 EXPECT = {"no_plans": "plans.json", "no_dataset_json": "dataset.json", "missing_checkpoint": "checkpoint_final.pth",
           "corrupt_checkpoint": "cannot read checkpoint", "not_a_checkpoint": "not an nnU-Net checkpoint",
           "fold_not_present": "fold 3 not present", "already_compressed_manifest": "already compressed",
-          "unknown_network_class": "unsupported network class", "grouped_conv": "groups="}
+          "unknown_network_class": "unsupported network class"}
 
 
 def _assert_clean_failure(code: int, err: str, out: Path, expect: str):
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code != 0
+    assert code == EXIT_BAD_INPUT
     assert len(lines) == 1, err
     assert lines[0].startswith("nnunet-green-compress: error: ") and expect in lines[0], lines[0]
     assert not out.exists() and leftovers(out) == []
@@ -295,6 +304,23 @@ def test_bad_model_folder_in_process(case, dense, tmp_path, monkeypatch, capsys)
     _assert_clean_failure(code, capsys.readouterr().err, out, EXPECT[case])
     assert not (tmp_path / "new").exists()  # parents it created are gone too
     assert tree_digest(src) == before
+
+
+def test_grouped_conv_is_left_dense(dense, tmp_path, monkeypatch, capsys):
+    """A grouped conv cannot be Tucker-2 factorized: the model still compresses, that layer stays dense and its
+    record says why, and the written folder loads the way the stock predictor loads it."""
+    from nnunet_green.compression import cli
+    from nnunet_green.nnunet_io import ModelFolder
+
+    src = copy_model(dense, tmp_path / "src" / FOLDER)
+    _corrupt(src, "grouped_conv", tmp_path, monkeypatch)
+    out = tmp_path / "new" / FOLDER
+    assert cli.main(["-i", str(src), "-o", str(out), "--rank-ratio", "0.12", "-q"]) == 0, capsys.readouterr().err
+    m = json.loads((out / "compression.json").read_text())
+    grouped = {lay["name"]: lay for lay in m["layers"]}["encoder.stages.0.0.convs.1.conv"]
+    assert not grouped["factorized"] and "groups=" in grouped["reason"]
+    assert any(lay["factorized"] for lay in m["layers"]) and m["verification"]["strict_load"] is True
+    assert ModelFolder(out).load("0").network.encoder.stages[0][0].convs[1].conv.groups > 1
 
 
 @pytest.mark.parametrize("ratio", ["0", "-0.1", "1.5", "nan", "abc"])
@@ -320,17 +346,19 @@ def test_bad_inputs_real_cli(dense, compressed, tmp_path):
     exists.mkdir()
     (exists / "keep.txt").write_text("x")
     proc = run_cli("nnunet-green-compress", "-i", dense, "-o", exists, check=False)
-    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+    assert proc.returncode == EXIT_BAD_INPUT and proc.stderr.strip().splitlines() == [
         f"nnunet-green-compress: error: output {exists} already exists (use --overwrite to replace it)"]
     assert [p.name for p in exists.iterdir()] == ["keep.txt"] and leftovers(exists) == []
     # output inside the input would modify it
     proc = run_cli("nnunet-green-compress", "-i", dense, "-o", dense / "compressed", check=False)
-    assert proc.returncode != 0 and "must not be inside" in proc.stderr and not (dense / "compressed").exists()
+    assert proc.returncode == EXIT_BAD_INPUT and "must not be inside" in proc.stderr
+    assert not (dense / "compressed").exists()
 
 
 def test_help_has_examples():
     proc = subprocess.run([str(BIN / "nnunet-green-compress"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "TOTALSEG_WEIGHTS_PATH" in proc.stdout and "--rank-ratio" in proc.stdout
+    assert EXIT_CODES_HELP in " ".join(proc.stdout.split())
     proc = subprocess.run([str(BIN / "nnunet-green-bench"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--images" in proc.stdout
 
@@ -388,3 +416,64 @@ def test_budgeted_ranks_are_shared_across_folds(dense, tmp_path):
     assert factorized and all(set(lay["rel_error"]) == {"fold_0", "fold_1"} for lay in factorized)
     assert any(lay["rel_error"]["fold_0"] != lay["rel_error"]["fold_1"] for lay in factorized)
     assert set(m["verification"]["forward_rel_diff"]) == {"fold_0", "fold_1"}  # both strict-load the one plans
+
+
+def test_killed_run_leaves_no_output_and_the_next_run_removes_its_temporary(tmp_path):
+    """kill -9 of the real CLI mid-run: no output folder, only its hidden temporary beside it; the next run
+    removes that temporary (its owner is dead) and publishes a complete folder."""
+    from nnunet_green.testing.totalseg import random_model_folder
+
+    src = random_model_folder(tmp_path / "weights", {"channel_names": {"0": "CT"}, "labels": {
+        "background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz"})
+    out = tmp_path / "out" / "compressed"
+    cmd = [str(BIN / "nnunet-green-compress"), "-i", str(src), "-o", str(out), "--rank-ratio", "0.25", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+    deadline = time.monotonic() + 300
+    try:
+        while not list(out.parent.glob(f".{out.name}.tmp-*/.nnunet_green_owner")):  # created, owner recorded
+            assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()  # reaped: its pid is no longer alive
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    stale = leftovers(out)
+    assert len(stale) == 1 and stale[0].startswith(f".{out.name}.tmp-")
+
+    run_cli("nnunet-green-compress", "-i", src, "-o", out, "--rank-ratio", 0.25, "-q")
+    assert leftovers(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["compression.json", "dataset.json", "fold_0", "plans.json"]
+    assert (out / "fold_0" / "checkpoint_final.pth").is_file()
+    assert json.loads((out / "compression.json").read_text())["verification"]["strict_load"] is True
+
+
+def test_export_to_zip_install_and_predict(hippocampus, compressed, bench_run, tmp_path):
+    """nnU-Net's own sharing route on a compressed folder: nnUNetv2_export_model_to_zip (needs the carried-over
+    progress.png and validation/summary.json) -> nnUNetv2_install_pretrained_model_from_zip into a fresh
+    nnUNet_results -> nnUNetv2_predict -d gives the segmentation the compressed folder gives in place."""
+    results = tmp_path / "results"
+    shutil.copytree(compressed["c012"], results / "Dataset004_Hippocampus" / FOLDER)
+    zip_file = tmp_path / "c012.zip"
+    run_cli("nnUNetv2_export_model_to_zip", "-d", 4, "-o", zip_file, "-c", "3d_fullres", "-tr", TRAINER,
+            "-p", "nnUNetPlans", "-f", 0, env=hippocampus.env(nnUNet_results=results))
+    fresh = tmp_path / "fresh_results"
+    fresh.mkdir()
+    run_cli("nnUNetv2_install_pretrained_model_from_zip", zip_file, env=hippocampus.env(nnUNet_results=fresh))
+    installed = fresh / "Dataset004_Hippocampus" / FOLDER
+    assert (installed / "plans.json").read_bytes() == (compressed["c012"] / "plans.json").read_bytes()
+
+    images = tmp_path / "one_case"
+    images.mkdir()
+    case = sorted(hippocampus.test_images.glob("*_0000.nii.gz"))[0]
+    shutil.copy(case, images / case.name)
+    pred = tmp_path / "pred"
+    run_cli("nnUNetv2_predict", "-i", images, "-o", pred, "-d", 4, "-tr", TRAINER, "-c", "3d_fullres", "-f", 0,
+            "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1, "--disable_tta",
+            env=hippocampus.env(nnUNet_results=fresh))
+    out, b, _ = bench_run
+    name = case.name.replace("_0000.nii.gz", ".nii.gz")
+    in_place = out / "predictions" / b["models"][1]["name"] / name
+    np.testing.assert_array_equal(read_seg(pred / name), read_seg(in_place))

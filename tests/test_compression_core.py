@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-from nnunet_green.compression import (LayerRecord, PointwiseConv3d, TuckerConfig, TuckerConv, count_macs,
-                                      executed_params, factorize_structure_, mac_breakdown, ranks_of, tucker_,
-                                      tucker_ranks)
+from nnunet_green.compression import (BudgetedRanks, GivenRanks, LayerRecord, PointwiseConv3d, RankPolicy,
+                                      TuckerConfig, TuckerConv, UniformRanks, count_macs, dense_reason,
+                                      executed_params, factorize_structure_, factorized_params, mac_breakdown,
+                                      mac_fraction, param_count, ranks_of, tucker_, tucker_ranks)
 from nnunet_green.compression.network import (NETWORK_CLASS_NAME, build_dense_from_plans, build_network_from_plans,
                                               factorized_architecture)
 
@@ -407,3 +408,225 @@ def test_verification_input_reaches_the_bottleneck_with_more_than_one_voxel():
     net = plain_unet(3, [8, 16, 16, 16, 16], 3).eval()  # total stride 16
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+# ---------------------------------------------------------------- policies, cost, the one eligibility rule
+
+def test_policies_plan_then_apply_like_the_config():
+    net = plain_unet(3, [16, 32, 64], 3)
+    by_config, by_policy = copy.deepcopy(net), copy.deepcopy(net)
+    records = tucker_(by_config, TuckerConfig(rank_ratio=0.3))
+    assert [(r.name, r.rank_in, r.rank_out, r.reason) for r in records] == \
+        [(r.name, r.rank_in, r.rank_out, r.reason) for r in tucker_(by_policy, UniformRanks(0.3))]
+    plan = UniformRanks(0.3).plan(net)  # deciding does not touch the model
+    assert not any(isinstance(m, TuckerConv) for m in net.modules())
+    assert plan.ranks == {r.name: (r.rank_in, r.rank_out) for r in records if r.factorized}
+    assert plan.dense == {r.name: r.reason for r in records if not r.factorized} and plan.rule == \
+        "uniform rank ratio 0.3"
+    assert all(isinstance(p, RankPolicy) for p in (UniformRanks(), BudgetedRanks(0.2), GivenRanks({})))
+    assert TuckerConfig(rank_ratio=0.3).policy() == UniformRanks(0.3)
+    assert TuckerConfig(budget=0.2, budget_cost="macs").policy() == BudgetedRanks(0.2, "macs")
+    assert TuckerConfig().rank_ratio == UniformRanks().rank_ratio == 0.12  # contract.DEFAULT_RANK_RATIO
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    assert ranks_of(tucker_(a, TuckerConfig(budget=0.2))) == ranks_of(tucker_(b, BudgetedRanks(0.2)))
+    # filter_fn takes a layer out of the budget as well
+    first = next(iter(BudgetedRanks(0.2).plan(net).ranks))
+    filtered = BudgetedRanks(0.2).plan(net, filter_fn=lambda m, name: name != first)
+    assert first not in filtered.ranks and filtered.dense[first] == "excluded by filter_fn"
+    with pytest.raises(TypeError, match="rank policy"):
+        tucker_(net, {"rank_ratio": 0.3})
+    for bad in (dict(rank_ratio=0), dict(min_rank=0), dict(round_to=1.5), dict(min_mac_saving=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            UniformRanks(**bad)
+    with pytest.raises(ValueError, match="budget"):
+        BudgetedRanks(1.0)
+
+
+def test_one_eligibility_rule_for_every_policy():
+    model = nn.Sequential(nn.Conv3d(1, 16, 3), nn.Conv3d(16, 32, 3, groups=4), nn.Conv3d(32, 32, 1),
+                          nn.ConvTranspose3d(32, 32, 3, stride=2, padding=1, output_padding=1),
+                          nn.Conv3d(32, 32, 3), nn.Conv3d(32, 64, 3))
+    reasons = {str(i): dense_reason(m, min_rank=8) for i, m in enumerate(model)}
+    assert "min_rank=8" in reasons["0"] and "groups=4" in reasons["1"] and "1x1" in reasons["2"]
+    assert "output_padding" in reasons["3"] and reasons["4"] is None and reasons["5"] is None
+    assert dense_reason(nn.Linear(4, 4)).startswith("not a supported conv type")
+    for policy in (UniformRanks(0.3), BudgetedRanks(0.3)):
+        plan = policy.plan(model)
+        assert {k: plan.dense[k] for k, v in reasons.items() if v} == {k: v for k, v in reasons.items() if v}
+        assert set(plan.ranks) <= {"4", "5"}
+    records = tucker_(model, UniformRanks(1.0))  # full rank drops the min_rank floor, nothing else
+    assert [r.factorized for r in records] == [True, False, False, False, True, True]
+
+
+def test_cost_helpers_match_the_built_layer():
+    # mac_fraction assumes what nnU-Net's convs do: input resolution = stride x output resolution (padded convs)
+    for conv, size in ((nn.Conv3d(16, 24, 3, stride=2, padding=1), 8), (nn.Conv3d(16, 24, 3, padding=1, bias=False), 6),
+                       (nn.ConvTranspose3d(24, 16, 2, stride=2), 4)):
+        layer = TuckerConv.from_conv(conv, 8, 16)
+        assert factorized_params(conv, 8, 16) == param_count(layer)
+        shape = (1, conv.in_channels, size, size, size)
+        assert math.isclose(count_macs(layer, shape) / count_macs(conv, shape), mac_fraction(conv, 8, 16))
+
+
+def test_no_import_circle_between_compression_modules():
+    """Module-level imports inside nnunet_green.compression form no cycle (api used to import rank_selection
+    and the other way round)."""
+    import ast
+    from pathlib import Path
+
+    import nnunet_green.compression as pkg
+
+    root = Path(pkg.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nnunet_green.compression."):
+                deps.add(node.module.split(".")[2])
+        graph[path.stem] = deps - {path.stem}
+    graph.pop("__init__")
+    done, active = set(), []
+
+    def visit(mod):
+        assert mod not in active, f"import circle: {' -> '.join(active + [mod])}"
+        if mod in done:
+            return
+        active.append(mod)
+        for dep in graph.get(mod, ()):
+            visit(dep)
+        active.pop()
+        done.add(mod)
+
+    assert {"api", "policies", "rank_selection", "cost"} <= set(graph)
+    for mod in graph:
+        visit(mod)
+
+
+# ---------------------------------------------------------------- model folders (tiny, TotalSegmentator-shaped)
+
+TINY_DATASET = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1,
+                "file_ending": ".nii.gz"}
+
+
+def tiny_model_folder(root, network_class=None):
+    """A TotalSegmentator-shaped model folder (3 stages, 8-32 features) with random weights and the dense
+    model's training files nnU-Net's exporter asks for."""
+    from nnunet_green.testing.totalseg import random_model_folder
+
+    folder = random_model_folder(root, TINY_DATASET, network_class=network_class)
+    (folder / "fold_0" / "progress.png").write_bytes(b"\x89PNG not really")
+    (folder / "fold_0" / "validation").mkdir()
+    (folder / "fold_0" / "validation" / "summary.json").write_text('{"foreground_mean": {"Dice": 0.5}}')
+    return folder
+
+
+GROUPED_NET = """
+from torch import nn
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+
+class GroupedUNet(PlainConvUNet):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        block = self.encoder.stages[1][0].convs[1]  # 16 -> 16, 3x3x3
+        grouped = nn.Conv3d(16, 16, 3, padding=1, groups=4)
+        block.conv = block.all_modules[0] = grouped
+"""
+
+
+def test_grouped_conv_is_left_dense_and_the_folder_compresses(tmp_path, monkeypatch):
+    from nnunet_green.compression.model_folder import compress_model_folder
+    from nnunet_green.nnunet_io import ModelFolder
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "grouped_tiny.py").write_text(GROUPED_NET)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    src = tiny_model_folder(tmp_path / "w", network_class="grouped_tiny.GroupedUNet")
+    out = tmp_path / "out"
+    m = compress_model_folder(src, out, TuckerConfig(rank_ratio=0.5))
+    layer = {lay["name"]: lay for lay in m["layers"]}["encoder.stages.1.0.convs.1.conv"]
+    assert not layer["factorized"] and "groups=4" in layer["reason"]
+    assert any(lay["factorized"] for lay in m["layers"]) and m["verification"]["strict_load"]
+    loaded = ModelFolder(out).load("0")  # the stock predictor's path
+    assert loaded.network.encoder.stages[1][0].convs[1].conv.groups == 4
+
+
+OLD_MANIFEST = {  # compression.json as the previous version wrote it (its exact keys; layers trimmed to one)
+    "format": "nnunet-green-compression/1", "nnunet_green_version": "0.1.0", "created": "2026-12-02T01:12:29+00:00",
+    "source": {"path": "SOURCE", "checkpoints": {"fold_0/checkpoint_final.pth": "66aa8dbd"}},
+    "config": {"rank_ratio": 0.25, "budget": None, "budget_cost": None, "min_rank": 8, "round_to": 8, "half": False},
+    "rank_rule": "uniform rank ratio 0.25", "configuration": "3d_fullres", "patch_size": [32, 64, 64], "folds": ["0"],
+    "checkpoint": "checkpoint_final.pth",
+    "totals": {"params_before": 85406, "params_after": 30110, "macs_before": 1557135360, "macs_after": 953942016,
+               "decomposition_s": 3.149},
+    "layers": [{"name": "encoder.stages.0.0.convs.0.conv", "aliases": ["encoder.stages.0.0.convs.0.all_modules.0"],
+                "kind": "Conv3d", "in_channels": 1, "out_channels": 8, "kernel_size": [3, 3, 3], "stride": [1, 1, 1],
+                "rank_in": None, "rank_out": None, "params_before": 224, "params_after": 224,
+                "macs_before": 28311552, "macs_after": 28311552, "rel_error": None, "factorized": False,
+                "reason": "channels (1->8) below min_rank=8: input stem / tiny head, that mode cannot be compressed",
+                "seconds": 0.0}],
+    "recovery": None, "trainer_name": "nnUNetTrainer_4000epochs_NoMirroring",
+    "dense_network_class": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "verification": {"strict_load": True, "input_shape": [1, 1, 16, 16, 16], "forward_rel_diff": {"fold_0": 0.97}},
+}
+
+
+def test_manifest_keys_and_old_manifests_still_read(tmp_path):
+    """compression.json is written through contract.CompressionManifest with the previous version's keys (plus
+    carried_over); a folder compressed the old way (same plans.json and checkpoint, old manifest, no carried-over
+    files) still reads and loads through the stock predictor's path."""
+    from nnunet_green.compression.model_folder import compress_model_folder
+    from nnunet_green.contract import CompressionManifest
+    from nnunet_green.nnunet_io import ModelFolder
+
+    src = tiny_model_folder(tmp_path / "w")
+    out = tmp_path / "out"
+    m = compress_model_folder(src, out, TuckerConfig(rank_ratio=0.25))
+    written = json.loads((out / "compression.json").read_text())
+    assert written == m and set(written) == set(OLD_MANIFEST) | {"carried_over"}
+    assert set(written["totals"]) == set(OLD_MANIFEST["totals"])
+    assert set(written["config"]) == set(OLD_MANIFEST["config"])
+    assert set(written["layers"][0]) == set(OLD_MANIFEST["layers"][0])
+    assert written["carried_over"] == {"fold_0/progress.png": "training curves of the dense source model",
+                                       "fold_0/validation/summary.json": "validation metrics of the dense source model"}
+    assert (out / "fold_0" / "progress.png").read_bytes() == (src / "fold_0" / "progress.png").read_bytes()
+
+    old = CompressionManifest.from_json(copy.deepcopy(OLD_MANIFEST))
+    assert old.rule_label == "ratio 0.25" and old.carried_over == {} and old.extra == {}
+    assert math.isclose(old.kept_fraction, 30110 / 85406)
+    assert {k: v for k, v in old.to_json().items() if k != "carried_over"} == OLD_MANIFEST
+
+    # the old way: the previous version wrote the same plans.json and checkpoint, and no carried-over files
+    for rel in written["carried_over"]:
+        (out / rel).unlink()
+    (out / "fold_0" / "validation").rmdir()
+    old_json = {**OLD_MANIFEST, "source": written["source"], "layers": written["layers"]}
+    (out / "compression.json").write_text(json.dumps(old_json, indent=2))
+    folder = ModelFolder(out)
+    assert folder.is_compressed and folder.manifest().rule_label == "ratio 0.25"
+    compressed, dense = folder.load("0"), ModelFolder(src).load("0")
+    assert any(isinstance(mod, TuckerConv) for mod in compressed.network.modules())
+    x = torch.randn(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        a, b = dense.network.eval()(x), compressed.network.eval()(x)
+    assert b.shape == a.shape == (1, 3, 32, 64, 64) and torch.isfinite(b).all()
+
+
+def test_budgeted_manifest_has_what_readers_key_on(tmp_path):
+    """A budgeted model's ratio is null (its ranks follow no single ratio); budget, cost, rule and totals say
+    what it is, and CompressionManifest.rule_label / kept_fraction read them."""
+    from nnunet_green.compression.model_folder import compress_model_folder
+    from nnunet_green.contract import CompressionManifest
+
+    m = compress_model_folder(tiny_model_folder(tmp_path / "w"), tmp_path / "out",
+                              TuckerConfig(budget=0.7, budget_cost="macs"))
+    assert m["config"]["rank_ratio"] is None
+    assert m["config"]["budget"] == 0.7 and m["config"]["budget_cost"] == "macs"
+    assert m["rank_rule"].startswith("budgeted ranks: 0.7 of the factorizable layers' macs")
+    manifest = CompressionManifest.read(tmp_path / "out" / "compression.json")
+    assert manifest.rule_label == "budget 0.7 macs"
+    t = m["totals"]
+    assert manifest.kept_fraction == t["params_after"] / t["params_before"] < 1
+    assert t["macs_after"] < t["macs_before"]

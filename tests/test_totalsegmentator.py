@@ -18,8 +18,8 @@ from conftest import TOTALSEG_EXAMPLE, requires, run_cli
 
 pytest.importorskip("totalsegmentator")
 
-from nnunet_green.demo.totalseg import (MODEL_FOLDER, TASK_FOLDER, build_network, offline_env,  # noqa: E402
-                                        ts_dataset_json, ts_old_format_plans, write_model_folder)
+from nnunet_green.testing.totalseg import (MODEL_FOLDER, TASK_FOLDER, build_network, offline_env,  # noqa: E402
+                                           ts_dataset_json, ts_old_format_plans, write_model_folder)
 
 CT = TOTALSEG_EXAMPLE / "example_ct_sm.nii.gz"
 

@@ -1,14 +1,22 @@
-"""`nnunet-green-compress`: Tucker-compress a trained nnU-Net model folder (or a TotalSegmentator weights root)."""
+"""`nnunet-green-compress`: Tucker-compress a trained nnU-Net model folder (or a TotalSegmentator weights root).
+
+Thin: argparse -> TuckerConfig + compress() keyword arguments -> `model_folder.compress`. Options left out are
+not passed, so every default lives in one place (TuckerConfig, compress(), distill_model_folder()); every
+GreenError is one line on stderr and exit status EXIT_BAD_INPUT.
+"""
 from __future__ import annotations
 
 import argparse
-import math
+import re
 import sys
 import warnings
 
+from nnunet_green.contract import (DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO, EXIT_BAD_INPUT,
+                                   EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, GreenError)
+
 PROG = "nnunet-green-compress"
 
-EXAMPLES = """\
+EXAMPLES = f"""\
 examples:
   # one model folder -> a new, ordinary nnU-Net model folder
   nnunet-green-compress -i $nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres \\
@@ -17,7 +25,7 @@ examples:
 
   # per-layer ranks from a global budget (12 % of the factorizable layers' multiply-adds), then label-free
   # distillation against the dense model on unlabelled scans, before the folder is published
-  nnunet-green-compress -i DENSE_FOLDER -o COMPRESSED_FOLDER --rank-budget 0.12 --budget-cost macs \
+  nnunet-green-compress -i DENSE_FOLDER -o COMPRESSED_FOLDER --rank-budget 0.12 --budget-cost macs \\
       --distill unlabelled_scans/ --distill-steps 500 --device cuda
 
   # a whole TotalSegmentator weights root (every DatasetXXX_*/<trainer>__<plans>__<config>/ below it)
@@ -25,102 +33,116 @@ examples:
   TOTALSEG_WEIGHTS_PATH=$PWD/ts_weights_012 TotalSegmentator -i ct.nii.gz -o seg --fast
 
 The output is written beside OUT and renamed into place only when every checkpoint was written and re-loaded the
-way nnU-Net's predictor loads it; the input is never modified.
+way nnU-Net's predictor loads it; the input is never modified. A run killed midway leaves no OUT; the hidden
+temporary folder it leaves beside OUT is removed by the next run.
+
+{EXIT_CODES_HELP}
 """
+
+# option dest -> TuckerConfig field (the rank rule); the other options are compress() keyword arguments
+CONFIG_FIELDS = {"rank_ratio": "rank_ratio", "rank_budget": "budget", "budget_cost": "budget_cost",
+                 "min_rank": "min_rank", "round_to": "round_to"}
+DISTILL_OPTIONS = {"distill_steps": "steps", "distill_lr": "lr", "distill_minutes": "max_minutes"}
+_FLAG_OF_FIELD = {"budget_cost": "--budget-cost", "rank_ratio": "--rank-ratio", "budget": "--rank-budget",
+                  "min_rank": "--min-rank", "round_to": "--round-to"}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    unset = argparse.SUPPRESS  # absent from the namespace unless given
     p = _Parser(prog=PROG, description="Tucker-2 compress the convolutions of a trained nnU-Net model and write a "
                 "model folder that stock nnU-Net (nnUNetv2_predict*, TotalSegmentator) loads as is.",
-                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=unset)
     p.add_argument("-i", "--input", required=True, metavar="MODEL_FOLDER",
                    help="trained model folder (<trainer>__<plans>__<configuration>, with plans.json, dataset.json, "
                         "fold_X/) or a weights root containing DatasetXXX_*/<model folder>/")
     p.add_argument("-o", "--output", required=True, metavar="OUT_FOLDER", help="folder to create")
     ranks = p.add_argument_group("ranks (one rule)")
-    ranks.add_argument("--rank-ratio", type=float, default=None,
+    ranks.add_argument("--rank-ratio", type=float,
                        help="uniform rule: fraction of each convolution's parameters to keep, in (0, 1] "
-                            "(default 0.12)")
-    ranks.add_argument("--rank-budget", type=float, default=None, metavar="FRACTION",
+                            f"(default {DEFAULT_RANK_RATIO})")
+    ranks.add_argument("--rank-budget", type=float, metavar="FRACTION",
                        help="budgeted rule: per-layer ranks such that the factorizable convolutions keep this "
                             "fraction of their dense cost in total, spent where the weights' singular values say it "
                             "matters most (docs/recovery.md)")
-    ranks.add_argument("--budget-cost", choices=("params", "macs"), default="params",
+    ranks.add_argument("--budget-cost", choices=("params", "macs"),
                        help="what --rank-budget counts: parameters, or multiply-adds at the plans' patch size "
                             "(default params)")
+    ranks.add_argument("--min-rank", type=int,
+                       help=f"smallest Tucker rank per mode (default {DEFAULT_MIN_RANK})")
+    ranks.add_argument("--round-to", type=int,
+                       help=f"round ranks to a multiple of this (default {DEFAULT_ROUND_TO}, suits GPU kernels)")
     rec = p.add_argument_group("label-free recovery (optional; see nnunet-green-distill for all settings)")
-    rec.add_argument("--distill", default=None, metavar="IMAGES_DIR",
+    rec.add_argument("--distill", metavar="IMAGES_DIR",
                      help="after factorizing, train the compressed network to reproduce the dense network's logits "
                           "on these unlabelled images (CASE_0000.nii.gz, ...) before the folder is published")
-    rec.add_argument("--distill-steps", type=int, default=None, help="distillation steps per fold (default 200)")
-    rec.add_argument("--distill-lr", type=float, default=None, help="distillation AdamW lr (default 1e-4)")
-    rec.add_argument("--distill-minutes", type=float, default=None, help="stop distillation after this long (per fold)")
-    rec.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for --distill (default cpu)")
-    p.add_argument("--min-rank", type=int, default=None, help="smallest Tucker rank per mode (default: library's)")
-    p.add_argument("--round-to", type=int, default=None,
-                   help="round ranks up to a multiple of this (default: library's; 8 suits GPU kernels)")
-    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to compress (default: all present)")
-    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_X/")
-    p.add_argument("-c", "--configuration", default=None,
+    rec.add_argument("--distill-steps", type=int, help="distillation steps per fold (default 200)")
+    rec.add_argument("--distill-lr", type=float, help="distillation AdamW lr (default 1e-4)")
+    rec.add_argument("--distill-minutes", type=float, help="stop distillation after this long (per fold)")
+    rec.add_argument("--device", choices=("cpu", "cuda"), help="device for --distill (default cpu)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to compress (default: all present)")
+    p.add_argument("-chk", "--checkpoint", help="checkpoint file name in fold_X/ (default checkpoint_final.pth)")
+    p.add_argument("-c", "--configuration",
                    help="configuration (default: from the checkpoint, as nnU-Net's predictor does)")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the file size)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_FOLDER if it exists")
-    p.add_argument("--no-verify", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bars")
     return p
+
+
+def _user_message(e: Exception) -> str:
+    """A settings error names the dataclass field; the user typed the option."""
+    msg = str(e)
+    for name, flag in _FLAG_OF_FIELD.items():
+        msg = re.sub(rf"\b{name}\b", flag, msg)
+    return msg
+
+
+def settings_from_args(args: argparse.Namespace):
+    """(TuckerConfig, compress() keyword arguments) from parsed options; GreenError for inconsistent ones."""
+    from nnunet_green.compression import TuckerConfig
+
+    given = vars(args)
+    if "rank_ratio" in given and "rank_budget" in given:
+        raise GreenError("give either --rank-ratio (uniform) or --rank-budget (budgeted), not both")
+    distill_given = [opt for opt in DISTILL_OPTIONS if opt in given]
+    if "distill" not in given and (distill_given or "device" in given):
+        opt = (distill_given or ["device"])[0]
+        raise GreenError(f"--{opt.replace('_', '-')} needs --distill IMAGES_DIR")
+    try:
+        config = TuckerConfig(**{field: given[opt] for opt, field in CONFIG_FIELDS.items() if opt in given})
+    except (TypeError, ValueError) as e:
+        raise GreenError(_user_message(e)) from None
+    kwargs = {k: given[k] for k in ("folds", "checkpoint", "configuration", "half", "overwrite", "verify")
+              if k in given}
+    kwargs["progress"] = not args.quiet
+    if "distill" in given:
+        kwargs["distill"] = {"images": given["distill"], "progress": not args.quiet,
+                             **({"device": given["device"]} if "device" in given else {}),
+                             **{DISTILL_OPTIONS[opt]: given[opt] for opt in distill_given}}
+    return config, kwargs
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit deprecation noise from imports
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-    def fail(msg: str) -> int:
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
-
-    if args.rank_ratio is not None and args.rank_budget is not None:
-        return fail("give either --rank-ratio (uniform) or --rank-budget (budgeted), not both")
-    r = 0.12 if args.rank_ratio is None else args.rank_ratio
-    if not math.isfinite(r) or not 0 < r <= 1:
-        return fail(f"--rank-ratio must be in (0, 1], got {r}")
-    b = args.rank_budget
-    if b is not None and (not math.isfinite(b) or not 0 < b < 1):
-        return fail(f"--rank-budget must be a fraction in (0, 1), got {b}")
-    given = [n for n in ("distill_steps", "distill_lr", "distill_minutes") if getattr(args, n) is not None]
-    if args.distill is None and given:
-        return fail(f"--{given[0].replace('_', '-')} needs --distill IMAGES_DIR")
-    for name in ("min_rank", "round_to"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            return fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-
-    from nnunet_green.compression.model_folder import CompressionError, compress
-
     try:
-        from nnunet_green.compression import TuckerConfig
+        config, kwargs = settings_from_args(args)
+        from nnunet_green.compression.model_folder import compress
 
-        kw = {k: getattr(args, k) for k in ("min_rank", "round_to") if getattr(args, k) is not None}
-        config = TuckerConfig(rank_ratio=r, budget=b, budget_cost=args.budget_cost, **kw)
-    except (TypeError, ValueError) as e:
-        return fail(str(e))
-    distill = None if args.distill is None else dict(
-        images=args.distill, steps=200 if args.distill_steps is None else args.distill_steps,
-        lr=1e-4 if args.distill_lr is None else args.distill_lr, max_minutes=args.distill_minutes,
-        device=args.device, progress=not args.quiet)
-    try:
-        result = compress(args.input, args.output, config, folds=args.folds, checkpoint=args.checkpoint,
-                          configuration=args.configuration, half=args.half, overwrite=args.overwrite,
-                          progress=not args.quiet, verify=not args.no_verify, distill=distill)
-    except CompressionError as e:
-        return fail(str(e))
+        result = compress(args.input, args.output, config, **kwargs)
+    except GreenError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        return fail("interrupted; nothing was written")
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_FAILED
 
     for m in result if isinstance(result, list) else [result]:
         t = m["totals"]
@@ -134,7 +156,7 @@ def main(argv=None) -> int:
                   f"held-out relative logit error {_num(rec['heldout_rel_error_before'])} -> "
                   f"{_num(rec['heldout_rel_error_after'])}")
     print(f"wrote {args.output}")
-    return 0
+    return EXIT_OK
 
 
 def _num(v) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SUPPORTED_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+from .cost import SUPPORTED_CONVS, check_factorizable
 
 
 def _gemm_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -70,18 +70,6 @@ def _spatial_dims(conv_cls: type) -> int:
         return 2
     raise TypeError(f"unsupported conv type {conv_cls.__name__}; supported: "
                     f"{', '.join(c.__name__ for c in SUPPORTED_CONVS)}")
-
-
-def check_factorizable(conv: nn.Module, name: str | None = None) -> None:
-    """Raise ValueError (naming the layer) if `conv` cannot be written as a Tucker-2 chain."""
-    label = f"layer '{name}' ({type(conv).__name__})" if name else type(conv).__name__
-    if not isinstance(conv, SUPPORTED_CONVS):
-        raise ValueError(f"{label}: not a supported conv type ({', '.join(c.__name__ for c in SUPPORTED_CONVS)})")
-    if conv.groups != 1:
-        raise ValueError(f"{label}: groups={conv.groups} is not supported by Tucker-2 factorization (needs groups=1)")
-    if isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d)) and any(p != 0 for p in conv.output_padding):
-        raise ValueError(f"{label}: output_padding={tuple(conv.output_padding)} is not supported "
-                         f"(only output_padding=0)")
 
 
 class TuckerConv(nn.Module):

@@ -1,165 +1,302 @@
 """Compress a trained nnU-Net model folder (or a TotalSegmentator weights root) into an ordinary model folder.
 
 The output is read by the stock predictor unchanged: plans.json names our network builder
-(`network.NETWORK_CLASS_NAME`) with the dense architecture and the per-layer Tucker ranks in `arch_kwargs`; each
+(`contract.NETWORK_CLASS_NAME`) with the dense architecture and the per-layer Tucker ranks in `arch_kwargs`; each
 checkpoint keeps its original `trainer_name` and `init_args`, so nnU-Net resolves the same trainer and its
 `build_network_architecture` builds the factorized network from plans.
+
+One folder is compressed in named steps, each a function of its own: `resolve_source` (folds, checkpoints, trainer,
+configuration, as the predictor resolves them) -> `decompose_folds` -> `write_folder` (plans, checkpoints, the
+files nnU-Net's exporter needs) -> `verify_folder` (load it the way nnUNetv2_predict does, compare with the dense
+model) -> `build_manifest` (compression.json) -> optional distillation. The folder is written through
+`nnunet_io.publish`: it appears complete or not at all, and temporaries of killed earlier runs are removed.
 """
 from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
-import inspect
-import json
 import math
-import os
+import pydoc
 import shutil
 import sys
 import time
-import uuid
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import nnunet_green
+from nnunet_green.contract import (DATASET_FILE, DEFAULT_CHECKPOINT, FINGERPRINT_FILE, MANIFEST_FILE, PLANS_FILE,
+                                   PROGRESS_FILE, CompressionManifest, GreenError, write_json_atomic)
+from nnunet_green.nnunet_io import ModelFolder, ModelFolderError, find_model_folders, io_channels, publish, sha256
 
-FORMAT = "nnunet-green-compression/1"
-MANIFEST = "compression.json"
-COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
-
-
-class CompressionError(Exception):
-    """Bad input or a failed check; the message is meant for the user as is."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# discovery
-# --------------------------------------------------------------------------------------------------------------------
-
-def is_model_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / "plans.json").is_file()
+COPIED_FILES = (DATASET_FILE, FINGERPRINT_FILE)
+# per fold: files nnU-Net's exporter (nnUNetv2_export_model_to_zip) requires, copied from the dense source; they
+# describe the DENSE model and compression.json says so
+CARRIED_OVER = {PROGRESS_FILE: "training curves of the dense source model",
+                "validation/summary.json": "validation metrics of the dense source model"}
 
 
-def find_model_folders(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
-    """Model folders (`<trainer>__<plans>__<configuration>` with plans.json) below a weights root, sorted."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        here = Path(dirpath)
-        depth = len(here.relative_to(root).parts)
-        if here != root and here.name.count("__") >= 2 and (here / "plans.json").is_file():
-            found.append(here)
-            dirnames[:] = []  # fold_X below a model folder are not model folders
-            continue
-        if depth >= max_depth:
-            dirnames[:] = []
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    return sorted(found)
-
-
-def available_folds(folder: Path, checkpoint: str) -> list[str]:
-    folds = [p.name[len("fold_"):] for p in folder.glob("fold_*") if (p / checkpoint).is_file()]
-    return sorted(folds, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
-
-
-def parse_folder_name(folder: Path) -> tuple[str, str, str] | None:
-    parts = folder.name.split("__")
-    return tuple(parts) if len(parts) == 3 and all(parts) else None
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class CompressionError(GreenError):
+    """Compression of a readable model folder failed (no factorizable layer, a failed check); the message is meant
+    for the user as is. Folder problems raise nnunet_io.ModelFolderError; both are GreenError."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# nnU-Net glue
+# entry points
 # --------------------------------------------------------------------------------------------------------------------
 
-def _load_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CompressionError(f"{path.parent} has no {path.name} ({what})")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CompressionError(f"cannot read {path}: {e}") from None
+def compress_model_folder(src, dst, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
+                          configuration: str | None = None, half: bool = False, overwrite: bool = False,
+                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> dict:
+    """Write a compressed copy of the model folder `src` to `dst` and return its manifest (as written to
+    `dst/compression.json`). `config` is a `TuckerConfig` (default: TuckerConfig()). Nothing is written to `src`;
+    `dst` appears only when everything succeeded. `distill`: keyword arguments of `distill_model_folder` (at least
+    `images`) to recover accuracy before the folder is published."""
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    _check_src_dst(src, dst, overwrite)
+    ModelFolder(src).check()
+    with publish(dst, overwrite) as tmp:
+        return compress_into(src, tmp, config, folds, checkpoint, configuration, half, progress, verify, distill)
 
 
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise CompressionError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated/garbage files
-        detail = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-        raise CompressionError(f"cannot read checkpoint {path}: {type(e).__name__}: {detail}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network_weights"), dict) or "trainer_name" not in ckpt:
-        raise CompressionError(f"{path} is not an nnU-Net checkpoint (no network_weights/trainer_name)")
-    return ckpt
+def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
+                          configuration: str | None = None, half: bool = False, overwrite: bool = False,
+                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> list[dict]:
+    """Compress every model folder below a weights root (TotalSegmentator's `.../nnunet/results` or an nnU-Net
+    results folder) into the same relative layout under `dst`; returns the manifests."""
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    _check_src_dst(src, dst, overwrite)
+    folders = find_model_folders(src)
+    if not folders:
+        raise CompressionError(f"{src} contains no model folders (DatasetXXX_*/<trainer>__<plans>__<configuration>/)")
+    manifests = []
+    with publish(dst, overwrite) as tmp:
+        for folder in _progress(folders, progress, "models"):
+            target = tmp / folder.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                manifests.append(compress_into(folder, target, config, folds, checkpoint, configuration, half,
+                                               progress, verify, distill))
+            except GreenError as e:
+                raise CompressionError(f"{folder.relative_to(src)}: {e}") from None
+    return manifests
 
 
-def resolve_configuration(plans: dict, name: str):
-    """nnU-Net's own ConfigurationManager for `name`: resolves `inherits_from` and converts old-format plans."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+def compress(src, dst, config=None, **kwargs) -> dict | list[dict]:
+    """Model folder or weights root, whichever `src` is."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CompressionError(f"input folder not found: {src}")
+    if (src / PLANS_FILE).is_file():
+        return compress_model_folder(src, dst, config, **kwargs)
+    if find_model_folders(src):
+        return compress_weights_root(src, dst, config, **kwargs)
+    raise CompressionError(f"{src} is not an nnU-Net model folder (no plans.json) and contains no model folders "
+                           "(DatasetXXX_*/<trainer>__<plans>__<configuration>/plans.json)")
 
-    if name not in plans.get("configurations", {}):
-        raise CompressionError(f"configuration {name!r} is not in plans.json (has {sorted(plans.get('configurations', {}))})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the old-format notice; we rewrite the plans in the new format
+
+def compress_into(src: Path, out: Path, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
+                  configuration: str | None = None, half: bool = False, progress: bool = False, verify: bool = True,
+                  distill: dict | None = None) -> dict:
+    """The steps for one model folder, written into the (new, empty) folder `out`; returns the manifest."""
+    from nnunet_green.compression import TuckerConfig
+
+    config = TuckerConfig() if config is None else config
+    source = resolve_source(src, folds, checkpoint, configuration)
+    if distill is not None:  # bad images fail here, before minutes of decomposition
+        check_distill_images(distill["images"], source.folder.dataset_json)
+    result = decompose_folds(source, config, half, progress)
+    carried = write_folder(source, result, out)
+    verification = verify_folder(source, out) if verify else None
+    manifest = build_manifest(source, result, config, half, verification, carried)
+    manifest.write(out / MANIFEST_FILE)
+    if distill is not None:
+        manifest.recovery = run_distillation(out, src, distill)  # also recorded in out/compression.json
+    return manifest.to_json()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# step 1: the source model, resolved as the stock predictor resolves it
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    folder: ModelFolder
+    folds: list[str]
+    checkpoint: str
+    checkpoints: dict[str, dict]   # fold -> loaded nnU-Net checkpoint
+    trainer_name: str
+    configuration: str
+    plans_manager: object
+    configuration_manager: object
+    dense_class: str               # the plans' network class (dotted path)
+
+    @property
+    def patch_size(self) -> list[int]:
+        return list(self.configuration_manager.patch_size)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One patch, batch 1: the shape multiply-adds are counted at."""
+        n_in, _ = io_channels(self.plans_manager, self.configuration_manager, self.folder.dataset_json)
+        return (1, n_in, *self.patch_size)
+
+    def dense_network(self) -> nn.Module:
+        """The dense network of the plans, built by the checkpoint's trainer (unloaded)."""
+        net = self.folder.build_network(self.configuration, self.trainer_name)
+        located = pydoc.locate(self.dense_class)
+        if type(net) is not located:
+            raise CompressionError(f"unsupported network class: trainer {self.trainer_name} builds "
+                                   f"{type(net).__module__}.{type(net).__name__}, not the plans' {self.dense_class}")
+        return net
+
+
+def resolve_source(src: Path, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
+                   configuration: str | None = None) -> Source:
+    folder = ModelFolder(src).check()
+    if (folder.path / MANIFEST_FILE).exists():
+        raise CompressionError(f"{src} is already compressed ({MANIFEST_FILE} present)")
+    if folder.is_compressed:
+        raise CompressionError(f"{src} is already compressed ({PLANS_FILE} names the factorized network)")
+    _ = folder.dataset_json  # read now: a missing dataset.json is reported before any checkpoint is loaded
+
+    present = folder.folds(checkpoint)
+    if not folds:
+        if not present:
+            raise CompressionError(f"{src} has no fold_*/{checkpoint}")
+        folds = present
+    folds = [str(f) for f in folds]
+    for f in folds:
+        if not (folder.path / f"fold_{f}").is_dir():
+            raise CompressionError(f"fold {f} not present in {src} (has: {', '.join(present) or 'none'})")
+    ckpts = {f: folder.load_checkpoint(f, checkpoint) for f in folds}
+
+    first = ckpts[folds[0]]  # trainer and configuration from the first checkpoint, as the predictor does
+    trainer_name = first["trainer_name"]
+    conf = (first.get("init_args") or {}).get("configuration") or configuration or folder.configuration_name()
+    if conf is None:
+        raise CompressionError(f"cannot tell which configuration {src} was trained with; pass -c")
+    if configuration is not None and configuration != conf:
+        raise CompressionError(f"-c {configuration} does not match the checkpoint's configuration {conf!r}")
+    for f, ck in ckpts.items():
+        if ck["trainer_name"] != trainer_name or (ck.get("init_args") or {}).get("configuration", conf) != conf:
+            raise CompressionError(f"fold {f} was trained with another trainer/configuration than fold {folds[0]}")
+
+    pm, cm = folder.managers(conf)
+    dense_class = cm.network_arch_class_name
+    located = pydoc.locate(dense_class)
+    if not (isinstance(located, type) and issubclass(located, nn.Module)):
+        raise CompressionError(f"unsupported network class {dense_class!r} in {PLANS_FILE} (not an importable "
+                               "torch.nn.Module)")
+    return Source(folder, folds, checkpoint, ckpts, trainer_name, conf, pm, cm, dense_class)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# step 2: decompose every fold (one architecture for all of them: one plans.json)
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Decomposition:
+    ranks: dict[str, list[int]]              # what plans.json gets
+    records: list                            # LayerRecord of the first fold
+    rel_errors: dict[str, dict[str, float]]  # fold -> layer -> relative weight error
+    states: dict[str, dict]                  # fold -> factorized state dict
+    totals: dict = field(default_factory=dict)
+
+
+def decompose_folds(source: Source, config, half: bool = False, progress: bool = False) -> Decomposition:
+    """Factorize each fold's weights. A budgeted rule chooses the ranks on the first fold's weights and the other
+    folds are decomposed at those ranks (one plans.json holds one architecture)."""
+    from nnunet_green.compression import count_macs, param_count, tucker_
+
+    shape = source.input_shape
+    result, t_total = None, 0.0
+    for f in _progress(source.folds, progress and len(source.folds) > 1, "folds"):
+        net = source.dense_network()
         try:
-            manager = PlansManager(copy.deepcopy(plans))
-            return manager, manager.get_configuration(name)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CompressionError(f"cannot interpret configuration {name!r} of plans.json: {type(e).__name__}: {e}") from None
+            net.load_state_dict(source.checkpoints[f]["network_weights"], strict=True)
+        except RuntimeError as e:
+            raise CompressionError(f"fold_{f}/{source.checkpoint} does not match the plans' network: "
+                                   f"{str(e).splitlines()[0]}") from None
+        net.eval()
+        if result is None:
+            totals = {"params_before": param_count(net), "macs_before": int(count_macs(net, shape))}
+        shared = None if result is None or config.budget is None else {k: tuple(v) for k, v in result.ranks.items()}
+        t0 = time.perf_counter()
+        try:
+            records = tucker_(net, config, progress=progress, input_shape=shape, ranks=shared)
+        except (ValueError, NotImplementedError, TypeError) as e:
+            raise CompressionError(f"fold_{f}: cannot factorize: {e}") from None
+        t_total += time.perf_counter() - t0
+        ranks = {r.name: [int(r.rank_in), int(r.rank_out)] for r in records if r.factorized}
+        if result is None:
+            if not ranks:
+                raise CompressionError(f"{source.folder.path}: no layer was factorized at {config.describe()}")
+            totals.update(params_after=param_count(net), macs_after=int(count_macs(net, shape)))
+            result = Decomposition(ranks, records, {}, {}, totals)
+        elif ranks != result.ranks:
+            raise CompressionError(f"fold_{f} got other ranks than fold_{source.folds[0]}; one {PLANS_FILE} cannot "
+                                   "hold both")
+        result.rel_errors[f] = {r.name: r.rel_error for r in records}
+        if half:
+            net.half()  # the module, not per key: keeps the aliased tensors shared
+        result.states[f] = net.state_dict()
+        del net
+    result.totals["decomposition_s"] = round(t_total, 3)
+    return result
 
 
-def find_trainer(trainer_name: str):
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+# --------------------------------------------------------------------------------------------------------------------
+# step 3: the folder
+# --------------------------------------------------------------------------------------------------------------------
 
-    try:
-        import contextlib
-        import io
-        with contextlib.redirect_stdout(io.StringIO()):  # the lookup prints its search of nnUNet_extTrainer
-            return recursive_find_trainer_class_by_name(trainer_name)
-    except (RuntimeError, AssertionError, ImportError) as e:
-        raise CompressionError(f"trainer {trainer_name!r} (from the checkpoint) cannot be found by nnU-Net: {e}") from None
+def compressed_plans(source: Source, ranks: dict) -> dict:
+    """plans.json of the compressed folder: the trained configuration in the new format, resolved, naming our
+    network builder; every other key as the source has it."""
+    from nnunet_green.compression.network import factorized_architecture
 
-
-def build_network(trainer_class, plans_manager, configuration_manager, dataset_json: dict) -> nn.Module:
-    """Exactly what `nnUNetPredictor.initialize_from_trained_model_folder` does to build the network."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
-    n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
-        return trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
-                                                        enable_deep_supervision=False)
-    return trainer_class.build_network_architecture(
-        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-        configuration_manager.network_arch_init_kwargs_req_import, n_in, n_out, enable_deep_supervision=False)
+    cm = source.configuration_manager
+    conf = copy.deepcopy(cm.configuration)
+    conf.pop("inherits_from", None)
+    conf["architecture"] = factorized_architecture(
+        {"network_class_name": source.dense_class, "arch_kwargs": copy.deepcopy(cm.network_arch_init_kwargs),
+         "_kw_requires_import": list(cm.network_arch_init_kwargs_req_import)}, ranks)
+    plans = copy.deepcopy(source.folder.plans)
+    plans["configurations"][source.configuration] = conf
+    return plans
 
 
-def num_input_channels(plans_manager, configuration_manager, dataset_json: dict) -> int:
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+def write_folder(source: Source, result: Decomposition, out: Path) -> dict[str, str]:
+    """plans.json, dataset files, one checkpoint per fold (optimizer state dropped: the predictor never reads it)
+    and the dense source's files nnU-Net's exporter requires. Returns {carried-over file: what it describes}."""
+    src = source.folder.path
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / PLANS_FILE, compressed_plans(source, result.ranks))
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    carried = {}
+    for f in source.folds:
+        ck = dict(source.checkpoints[f])
+        ck["network_weights"] = result.states[f]
+        ck["optimizer_state"] = None  # 2x the weights in size
+        ck["grad_scaler_state"] = None
+        (out / f"fold_{f}").mkdir()
+        torch.save(ck, out / f"fold_{f}" / source.checkpoint)
+        for rel, what in CARRIED_OVER.items():
+            path = src / f"fold_{f}" / rel
+            if path.is_file():
+                (out / f"fold_{f}" / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, out / f"fold_{f}" / rel)
+                carried[f"fold_{f}/{rel}"] = what
+    return carried
 
-    return determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
 
-
-def _check_convs(model: nn.Module, where: str):
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    if not convs:
-        raise CompressionError(f"{where}: the network has no convolutions to factorize")
-    for name, m in convs:
-        if m.groups != 1:
-            raise CompressionError(f"{where}: unsupported layer {name} ({type(m).__name__} with groups={m.groups}); "
-                                   "only groups=1 convolutions can be Tucker-factorized")
-
+# --------------------------------------------------------------------------------------------------------------------
+# step 4: verification
+# --------------------------------------------------------------------------------------------------------------------
 
 def _min_input_shape(configuration_manager, floor: int = 16) -> list[int]:
     """Smallest cheap input the U-Net accepts, capped at the patch size: a multiple of the total stride per axis
@@ -173,62 +310,104 @@ def _min_input_shape(configuration_manager, floor: int = 16) -> list[int]:
     return [min(p, t * max(2, math.ceil(floor / t))) for p, t in zip(patch, total)]
 
 
+@torch.no_grad()
+def verify_folder(source: Source, out: Path) -> dict:
+    """Load every written fold the way nnUNetv2_predict does (nnUNetPredictor on the new folder: plans, trainer by
+    name, strict load) and compare one small forward with the dense fold."""
+    shape = None
+    diffs = {}
+    for f in source.folds:
+        try:
+            compressed = ModelFolder(out).load(f, source.checkpoint, what="written model folder")
+        except ModelFolderError as e:
+            raise CompressionError(f"verification failed: fold_{f}/{source.checkpoint}: {e}") from None
+        dense = source.folder.load(f, source.checkpoint, what="dense model")
+        if shape is None:
+            shape = (1, compressed.num_input_channels, *_min_input_shape(compressed.configuration_manager))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        a, b = dense.network.eval()(x), compressed.network.eval()(x).float()
+        if not torch.isfinite(b).all():
+            raise CompressionError(f"verification failed: fold_{f} gives non-finite outputs")
+        diffs[f"fold_{f}"] = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    return {"strict_load": True, "input_shape": list(shape), "forward_rel_diff": diffs}
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# compression
+# step 5: the manifest
 # --------------------------------------------------------------------------------------------------------------------
 
-def compress_model_folder(src, dst, config=None, folds=None, checkpoint: str = "checkpoint_final.pth",
-                          configuration: str | None = None, half: bool = False, overwrite: bool = False,
-                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> dict:
-    """Write a compressed copy of the model folder `src` to `dst` and return its manifest (also written as
-    `dst/compression.json`). `config` is a `TuckerConfig` (default: TuckerConfig()). Nothing is written to `src`;
-    `dst` appears only when everything succeeded (written next to it, then renamed). `distill`: keyword arguments
-    of `distill.distill_model_folder` (at least `images`) to recover accuracy before the folder is published."""
-    src, dst = Path(src).absolute(), Path(dst).absolute()
-    _check_src_dst(src, dst, overwrite)
-    if not is_model_folder(src):
-        raise CompressionError(f"{src} is not an nnU-Net model folder: no plans.json")
-    with _Publisher(dst, overwrite) as tmp:
-        manifest = _compress_into(src, tmp, config, folds, checkpoint, configuration, half, progress, verify,
-                                  distill)
-    return manifest
+def rank_rule(config, n_folds: int) -> str:
+    rule = config.describe()
+    if config.budget is not None and n_folds > 1:
+        rule += "; ranks chosen on the first fold"
+    return rule
 
 
-def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = "checkpoint_final.pth",
-                          configuration: str | None = None, half: bool = False, overwrite: bool = False,
-                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> list[dict]:
-    """Compress every model folder below a weights root (TotalSegmentator's `.../nnunet/results` or an nnU-Net
-    results folder) into the same relative layout under `dst`; returns the manifests."""
-    src, dst = Path(src).absolute(), Path(dst).absolute()
-    _check_src_dst(src, dst, overwrite)
-    folders = find_model_folders(src)
-    if not folders:
-        raise CompressionError(f"{src} contains no model folders (DatasetXXX_*/<trainer>__<plans>__<configuration>/)")
-    manifests = []
-    with _Publisher(dst, overwrite) as tmp:
-        for folder in _progress(folders, progress, "models"):
-            target = tmp / folder.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                manifests.append(_compress_into(folder, target, config, folds, checkpoint, configuration, half,
-                                                progress, verify, distill))
-            except CompressionError as e:
-                raise CompressionError(f"{folder.relative_to(src)}: {e}") from None
-    return manifests
+def build_manifest(source: Source, result: Decomposition, config, half: bool, verification: dict | None,
+                   carried_over: dict[str, str]) -> CompressionManifest:
+    budgeted = config.budget is not None
+    folds = source.folds
+    layers = []
+    for r in result.records:
+        d = r.to_dict()
+        d["rel_error"] = (result.rel_errors[folds[0]].get(r.name) if len(folds) == 1
+                          else {f"fold_{f}": result.rel_errors[f].get(r.name) for f in folds})
+        layers.append(d)
+    src = source.folder.path
+    return CompressionManifest(
+        nnunet_green_version=nnunet_green.__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        source={"path": str(src), "checkpoints": {f"fold_{f}/{source.checkpoint}":
+                                                  sha256(src / f"fold_{f}" / source.checkpoint) for f in folds}},
+        # rank_ratio stays null for a budgeted model: its ranks do not follow one ratio (see rule_label)
+        config={"rank_ratio": None if budgeted else config.rank_ratio, "budget": config.budget,
+                "budget_cost": config.budget_cost if budgeted else None, "min_rank": config.min_rank,
+                "round_to": config.round_to, "half": bool(half)},
+        rank_rule=rank_rule(config, len(folds)),
+        configuration=source.configuration,
+        patch_size=source.patch_size,
+        folds=list(folds),
+        checkpoint=source.checkpoint,
+        totals=dict(result.totals),
+        layers=layers,
+        recovery=None,
+        trainer_name=source.trainer_name,
+        dense_network_class=source.dense_class,
+        verification=verification,
+        carried_over=dict(carried_over),
+    )
 
 
-def compress(src, dst, config=None, **kwargs) -> dict | list[dict]:
-    """Model folder or weights root, whichever `src` is."""
-    src = Path(src)
-    if not src.is_dir():
-        raise CompressionError(f"input folder not found: {src}")
-    if is_model_folder(src):
-        return compress_model_folder(src, dst, config, **kwargs)
-    if find_model_folders(src):
-        return compress_weights_root(src, dst, config, **kwargs)
-    raise CompressionError(f"{src} is not an nnU-Net model folder (no plans.json) and contains no model folders "
-                           "(DatasetXXX_*/<trainer>__<plans>__<configuration>/plans.json)")
+# --------------------------------------------------------------------------------------------------------------------
+# step 6 (optional): label-free distillation; the recovery package owns it
+# --------------------------------------------------------------------------------------------------------------------
 
+def _recovery():
+    """Where distillation lives (one import to repoint when it moves)."""
+    from nnunet_green.compression import distill
+    return distill
+
+
+def check_distill_images(images, dataset_json: dict) -> None:
+    rec = _recovery()
+    try:
+        names = rec.channel_names(dataset_json)
+        rec.find_cases(Path(images), dataset_json.get("file_ending", ".nii.gz"), len(names), names)
+    except rec.DistillError as e:
+        raise CompressionError(f"--distill: {e}") from None
+
+
+def run_distillation(out: Path, teacher: Path, settings: dict) -> dict:
+    rec = _recovery()
+    try:
+        return rec.distill_model_folder(out, teacher=teacher, **settings)
+    except rec.DistillError as e:
+        raise CompressionError(f"distillation: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------------
 
 def _check_src_dst(src: Path, dst: Path, overwrite: bool):
     if not src.is_dir():
@@ -251,269 +430,6 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, file=sys.stderr, leave=False)
 
 
-class _Publisher:
-    """Temporary folder beside `dst`; renamed onto `dst` on success (replacing it if asked), removed on failure."""
-
-    def __init__(self, dst: Path, overwrite: bool):
-        self.dst, self.overwrite = dst, overwrite
-        self.created_parents: list[Path] = []
-
-    def __enter__(self) -> Path:
-        p = self.dst.parent
-        while not p.exists():
-            self.created_parents.append(p)
-            p = p.parent
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            for p in self.created_parents:  # innermost first
-                try:
-                    p.rmdir()
-                except OSError:
-                    break
-            return False
-        old = None
-        if self.dst.exists() or self.dst.is_symlink():
-            if not self.overwrite:  # appeared meanwhile
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise CompressionError(f"output {self.dst} already exists (use --overwrite to replace it)")
-            old = self.dst.parent / f".{self.dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.dst, old)
-        os.replace(self.tmp, self.dst)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        return False
-
-
-def _compress_into(src: Path, out: Path, config, folds, checkpoint: str, configuration: str | None, half: bool,
-                   progress: bool, verify: bool, distill: dict | None = None) -> dict:
-    from nnunet_green.compression import TuckerConfig, count_macs, tucker_
-    from nnunet_green.compression.network import NETWORK_CLASS_NAME, factorized_architecture
-
-    config = TuckerConfig() if config is None else config
-    if (src / MANIFEST).exists():
-        raise CompressionError(f"{src} is already compressed ({MANIFEST} present)")
-    plans = _load_json(src / "plans.json", "nnU-Net plans")
-    dataset_json = _load_json(src / "dataset.json", "dataset description")
-    if any(isinstance(c, dict) and isinstance(c.get("architecture"), dict)
-           and c["architecture"].get("network_class_name") == NETWORK_CLASS_NAME
-           for c in plans.get("configurations", {}).values()):
-        raise CompressionError(f"{src} is already compressed (plans.json names {NETWORK_CLASS_NAME})")
-    if distill is not None:  # bad images fail here, before minutes of decomposition
-        from nnunet_green.compression.distill import DistillError, channel_names, find_cases
-        try:
-            names = channel_names(dataset_json)
-            find_cases(Path(distill["images"]), dataset_json.get("file_ending", ".nii.gz"), len(names), names)
-        except DistillError as e:
-            raise CompressionError(f"--distill: {e}") from None
-
-    # folds and checkpoints
-    present = available_folds(src, checkpoint)
-    if folds is None or len(folds) == 0:
-        if not present:
-            raise CompressionError(f"{src} has no fold_*/{checkpoint}")
-        folds = present
-    folds = [str(f) for f in folds]
-    for f in folds:
-        if not (src / f"fold_{f}").is_dir():
-            raise CompressionError(f"fold {f} not present in {src} (has: {', '.join(present) or 'none'})")
-    ckpts = {f: load_checkpoint(src / f"fold_{f}" / checkpoint) for f in folds}
-
-    # trainer and configuration, as the predictor resolves them (from the first checkpoint)
-    first = ckpts[folds[0]]
-    trainer_name = first["trainer_name"]
-    ck_conf = (first.get("init_args") or {}).get("configuration")
-    named = parse_folder_name(src)
-    conf = ck_conf or configuration or (named[2] if named else None)
-    if conf is None:
-        raise CompressionError(f"cannot tell which configuration {src} was trained with; pass -c")
-    if configuration is not None and configuration != conf:
-        raise CompressionError(f"-c {configuration} does not match the checkpoint's configuration {conf!r}")
-    for f, ck in ckpts.items():
-        if ck["trainer_name"] != trainer_name or (ck.get("init_args") or {}).get("configuration", conf) != conf:
-            raise CompressionError(f"fold {f} was trained with another trainer/configuration than fold {folds[0]}")
-
-    plans_manager, conf_manager = resolve_configuration(plans, conf)
-    dense_class = conf_manager.network_arch_class_name
-    dense_kwargs = copy.deepcopy(conf_manager.network_arch_init_kwargs)
-    req_import = list(conf_manager.network_arch_init_kwargs_req_import)
-    trainer_class = find_trainer(trainer_name)
-
-    import pydoc
-    located = pydoc.locate(dense_class)
-    if not (isinstance(located, type) and issubclass(located, nn.Module)):
-        raise CompressionError(f"unsupported network class {dense_class!r} in plans.json (not an importable "
-                               "torch.nn.Module)")
-
-    def dense_network():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                net = build_network(trainer_class, plans_manager, conf_manager, dataset_json)
-        except Exception as e:
-            raise CompressionError(f"cannot build the network of {src}: {type(e).__name__}: {e}") from None
-        if type(net) is not located:
-            raise CompressionError(f"unsupported network class: trainer {trainer_name} builds "
-                                   f"{type(net).__module__}.{type(net).__name__}, not the plans' {dense_class}")
-        return net
-
-    n_in = num_input_channels(plans_manager, conf_manager, dataset_json)
-    patch = list(conf_manager.patch_size)
-    macs_shape = (1, n_in, *patch)
-
-    # decompose each fold
-    records0, ranks, rel_errors, states, decomposition_s = None, None, {}, {}, 0.0
-    macs_before = macs_after = params_before = params_after = None
-    for f in _progress(folds, progress and len(folds) > 1, "folds"):
-        net = dense_network()
-        _check_convs(net, str(src))
-        try:
-            net.load_state_dict(ckpts[f]["network_weights"], strict=True)
-        except RuntimeError as e:
-            raise CompressionError(f"fold_{f}/{checkpoint} does not match the plans' network: "
-                                   f"{str(e).splitlines()[0]}") from None
-        if params_before is None:
-            params_before = _n_params(net)
-            macs_before = int(count_macs(net, macs_shape))
-        net.eval()
-        t0 = time.perf_counter()
-        # budgeted ranks are chosen on the first fold's weights and shared: one plans.json holds one architecture
-        shared = None if ranks is None or config.budget is None else {k: tuple(v) for k, v in ranks.items()}
-        try:
-            records = tucker_(net, config, progress=progress, input_shape=macs_shape, ranks=shared)
-        except (ValueError, NotImplementedError, TypeError) as e:
-            raise CompressionError(f"fold_{f}: cannot factorize: {e}") from None
-        decomposition_s += time.perf_counter() - t0
-        fold_ranks = {r.name: [int(r.rank_in), int(r.rank_out)] for r in records if r.factorized}
-        if ranks is None:
-            ranks, records0 = fold_ranks, records
-            params_after = _n_params(net)
-            macs_after = int(count_macs(net, macs_shape))
-        elif fold_ranks != ranks:
-            raise CompressionError(f"fold_{f} got other ranks than fold_{folds[0]}; one plans.json cannot hold both")
-        rel_errors[f] = {r.name: r.rel_error for r in records}
-        if half:
-            net.half()  # the module, not per key: keeps the aliased tensors shared
-        states[f] = net.state_dict()
-        del net
-    if not ranks:
-        raise CompressionError(f"{src}: no layer was factorized at {_rule(config)}")
-
-    # plans.json: trained configuration in new format, resolved, naming our builder
-    new_conf = copy.deepcopy(conf_manager.configuration)
-    new_conf.pop("inherits_from", None)
-    new_conf["architecture"] = factorized_architecture(
-        {"network_class_name": dense_class, "arch_kwargs": dense_kwargs, "_kw_requires_import": req_import}, ranks)
-    new_plans = copy.deepcopy(plans)
-    new_plans["configurations"][conf] = new_conf
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plans.json").write_text(json.dumps(new_plans, indent=4))
-    for name in COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-    for f in folds:
-        ck = dict(ckpts[f])
-        ck["network_weights"] = states[f]
-        ck["optimizer_state"] = None  # the predictor never reads it; 2x the weights in size
-        ck["grad_scaler_state"] = None
-        (out / f"fold_{f}").mkdir()
-        torch.save(ck, out / f"fold_{f}" / checkpoint)
-    del states, ckpts
-
-    verification = _verify(src, out, folds, checkpoint, conf, dataset_json) if verify else None
-
-    layers = []
-    for r in records0:
-        d = r.to_dict()
-        d["rel_error"] = (rel_errors[folds[0]].get(r.name) if len(folds) == 1
-                          else {f"fold_{f}": rel_errors[f].get(r.name) for f in folds})
-        layers.append(d)
-    manifest = {
-        "format": FORMAT,
-        "nnunet_green_version": nnunet_green.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(src),
-                   "checkpoints": {f"fold_{f}/{checkpoint}": sha256(src / f"fold_{f}" / checkpoint) for f in folds}},
-        "config": {"rank_ratio": None if config.budget is not None else config.rank_ratio,
-                   "budget": config.budget, "budget_cost": config.budget_cost if config.budget is not None else None,
-                   "min_rank": config.min_rank, "round_to": config.round_to, "half": bool(half)},
-        "rank_rule": _rule(config),
-        "configuration": conf,
-        "patch_size": patch,
-        "folds": folds,
-        "checkpoint": checkpoint,
-        "totals": {"params_before": params_before, "params_after": params_after, "macs_before": macs_before,
-                   "macs_after": macs_after, "decomposition_s": round(decomposition_s, 3)},
-        "layers": layers,
-        "recovery": None,
-        "trainer_name": trainer_name,
-        "dense_network_class": dense_class,
-        "verification": verification,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-    if distill is not None:
-        from nnunet_green.compression.distill import DistillError, distill_model_folder
-        try:
-            manifest["recovery"] = distill_model_folder(out, teacher=src, **distill)
-        except DistillError as e:
-            raise CompressionError(f"distillation: {e}") from None
-    return manifest
-
-
-def _rule(config) -> str:
-    if config.budget is not None:
-        return (f"budgeted ranks: {config.budget:g} of the factorizable layers' {config.budget_cost} "
-                "(singular-value energy, greedy; ranks chosen on the first fold)")
-    return f"uniform rank ratio {config.rank_ratio:g}"
-
-
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() de-duplicates shared modules
-
-
-def _json_default(o):
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-@torch.no_grad()
-def _verify(src: Path, out: Path, folds, checkpoint: str, conf: str, dataset_json: dict) -> dict:
-    """Load the written folder the way the stock predictor does (new plans, trainer by name, strict load) and
-    compare one small forward with the dense network."""
-    plans = json.loads((out / "plans.json").read_text())
-    pm, cm = resolve_configuration(plans, conf)
-    dense_pm, dense_cm = resolve_configuration(json.loads((src / "plans.json").read_text()), conf)
-    shape = (1, num_input_channels(pm, cm, dataset_json), *_min_input_shape(cm))
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    diffs = {}
-    for f in folds:
-        ck = torch.load(out / f"fold_{f}" / checkpoint, map_location="cpu", weights_only=False)
-        trainer_class = find_trainer(ck["trainer_name"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = build_network(trainer_class, pm, cm, dataset_json)
-            dense = build_network(trainer_class, dense_pm, dense_cm, dataset_json)
-        try:
-            net.load_state_dict(ck["network_weights"], strict=True)
-        except RuntimeError as e:
-            raise CompressionError(f"verification failed: the written fold_{f}/{checkpoint} does not load into the "
-                                   f"network nnU-Net builds from the new plans: {str(e).splitlines()[0]}") from None
-        dense.load_state_dict(torch.load(src / f"fold_{f}" / checkpoint, map_location="cpu",
-                                         weights_only=False)["network_weights"], strict=True)
-        a, b = dense.eval()(x), net.eval()(x)
-        if not torch.isfinite(b).all():
-            raise CompressionError(f"verification failed: fold_{f} gives non-finite outputs")
-        diffs[f"fold_{f}"] = float((a - b).norm() / a.norm().clamp_min(1e-12))
-    return {"strict_load": True, "input_shape": list(shape), "forward_rel_diff": diffs}
+def available_folds(folder: Path, checkpoint: str = DEFAULT_CHECKPOINT) -> list[str]:
+    """Kept for bench_cli until it reads folders through nnunet_io.ModelFolder."""
+    return ModelFolder(folder).folds(checkpoint)

@@ -11,11 +11,13 @@ import pydoc
 
 from torch import nn
 
+from nnunet_green.contract import DENSE_CLASS_KEY, NETWORK_CLASS_NAME, RANKS_KEY
+
 from .api import factorize_structure_
 
-NETWORK_CLASS_NAME = "nnunet_green.compression.network.TuckerFactorizedNetwork"
-# keys this module adds to arch_kwargs; everything else is passed to the dense class unchanged
-DENSE_CLASS_KEY, RANKS_KEY = "dense_network_class", "tucker_ranks"
+# DENSE_CLASS_KEY / RANKS_KEY: the keys this module adds to arch_kwargs; everything else goes to the dense class
+__all__ = ["NETWORK_CLASS_NAME", "DENSE_CLASS_KEY", "RANKS_KEY", "TuckerFactorizedNetwork", "factorized_architecture",
+           "build_network_from_plans", "build_dense_from_plans", "dense_architecture"]
 
 
 def _locate(cls_or_name):

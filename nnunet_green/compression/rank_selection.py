@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .api import _TRANSPOSED, TuckerConfig, _one_thread, conv_aliases, factorized_params, mac_fraction, tucker_
-from .layers import check_factorizable
+from .cost import TRANSPOSED_CONVS, dense_params, dense_reason, factorized_params, mac_fraction
+from .decompose import one_thread
+from .surgery import unique_convs
 
 COSTS = ("params", "macs")
 
@@ -86,14 +87,14 @@ def _tails(energy: torch.Tensor) -> list[float]:
 
 
 def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_shape=None, min_rank: int = 8,
-                 round_to: int = 8, weights: dict[str, float] | None = None) -> RankSelection:
+                 round_to: int = 8, weights: dict[str, float] | None = None, filter_fn=None) -> RankSelection:
     """Per-layer (r_in, r_out) for the convs of `model` such that the factorized eligible layers cost at most
     `budget` x their dense cost (cost = "params", or "macs" which needs `input_shape` incl. batch).
 
     Objective minimised (greedily): sum over layers of weight * (estimated relative squared error), weight 1 by
     default, because every nnU-Net conv is followed by a normalisation that removes the weight's scale: what
-    matters per layer is its relative error. Eligible layers: supported convs with a spatial kernel and at least
-    `min_rank` channels on both sides (as the uniform rule)."""
+    matters per layer is its relative error. Eligible layers: those `cost.dense_reason` accepts at `min_rank` and
+    `filter_fn(module, canonical_name)` (if given) keeps."""
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget < 1.0:
@@ -105,25 +106,16 @@ def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_sh
         from .macs import mac_breakdown
         dense_macs = mac_breakdown(model, input_shape)
 
-    modules = {id(m): m for m in model.modules()}
     layers, skipped = [], {}
-    with _one_thread():
-        for key, names in conv_aliases(model).items():
-            conv, name = modules[key], names[0]
-            try:
-                check_factorizable(conv, name)
-            except ValueError as e:
-                skipped[name] = str(e)
+    with one_thread():
+        for name, _, conv in unique_convs(model):
+            reason = "excluded by filter_fn" if filter_fn is not None and not filter_fn(conv, name) else \
+                dense_reason(conv, min_rank)
+            if reason is not None:
+                skipped[name] = reason
                 continue
-            if math.prod(conv.kernel_size) == 1:
-                skipped[name] = "1x1 kernel"
-                continue
-            if conv.in_channels < min_rank or conv.out_channels < min_rank:
-                skipped[name] = f"channels below min_rank={min_rank}"
-                continue
-            dense_p = conv.weight.numel() + (conv.out_channels if conv.bias is not None else 0)
             if cost == "params":
-                dense_c = float(dense_p)
+                dense_c = float(dense_params(conv))
                 cost_fn = (lambda c: (lambda ri, ro: float(factorized_params(c, ri, ro))))(conv)
             else:
                 if dense_macs.get(name) is None:
@@ -131,11 +123,11 @@ def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_sh
                     continue
                 dense_c = float(dense_macs[name])
                 cost_fn = (lambda c, d: (lambda ri, ro: d * mac_fraction(c, ri, ro)))(conv, dense_c)
-            e_out, e_in = channel_spectra(conv.weight, isinstance(conv, _TRANSPOSED))
+            e_out, e_in = channel_spectra(conv.weight, isinstance(conv, TRANSPOSED_CONVS))
             norm2 = max(float(e_out.sum()), 1e-30)
             w = 1.0 if weights is None else float(weights.get(name, 1.0))
-            layers.append(dict(name=name, conv=conv, dense=dense_c, k=math.prod(conv.kernel_size), cost_fn=cost_fn, norm2=norm2, w=w,
-                               tail_out=_tails(e_out), tail_in=_tails(e_in),
+            layers.append(dict(name=name, conv=conv, dense=dense_c, k=math.prod(conv.kernel_size), cost_fn=cost_fn,
+                               norm2=norm2, w=w, tail_out=_tails(e_out), tail_in=_tails(e_in),
                                c_in=rank_candidates(conv.in_channels, min_rank, round_to),
                                c_out=rank_candidates(conv.out_channels, min_rank, round_to)))
     if not layers:
@@ -217,13 +209,10 @@ def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_sh
                          layers=choices, skipped=skipped)
 
 
-def budgeted_ranks(model: nn.Module, budget: float, cost: str = "params", **kwargs) -> dict[str, tuple[int, int]]:
-    """canonical name -> (r_in, r_out) of the layers to factorize (see select_ranks)."""
-    return select_ranks(model, budget, cost, **kwargs).ranks
-
-
-def apply_ranks_(model: nn.Module, ranks: dict[str, tuple[int, int]], n_iter_max: int = 2,
-                 gemm_pointwise: bool = True) -> dict[str, float]:
-    """Decompose the named convs of `model` in place at the given ranks; returns {name: relative error}."""
-    records = tucker_(model, TuckerConfig(n_iter_max=n_iter_max, gemm_pointwise=gemm_pointwise), ranks=ranks)
-    return {r.name: r.rel_error for r in records if r.factorized}
+def __getattr__(name):
+    # apply_ranks_ lived here before the policies; it is tucker_ with GivenRanks now (api imports this module, so
+    # the old name is resolved on first use instead of by a module-level import)
+    if name == "apply_ranks_":
+        from .api import apply_ranks_
+        return apply_ranks_
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
@@ -58,16 +57,12 @@ def ts_dataset_json() -> dict:
 
 
 def build_network(plans: dict, dataset: dict):
-    """The network nnU-Net builds from these (old-format) plans, without deep supervision."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    """The network the stock predictor builds from these (old-format) plans for TRAINER, without deep
+    supervision (through nnunet_io: the trainer's own builder)."""
+    from nnunet_green.nnunet_io import build_network as build, configuration_managers, find_trainer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the old-format notice
-        cm = PlansManager(json.loads(json.dumps(plans))).get_configuration("3d_fullres")
-    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                  cm.network_arch_init_kwargs_req_import, 1, len(dataset["labels"]),
-                                  deep_supervision=False)
+    pm, cm = configuration_managers(plans, "3d_fullres")
+    return build(find_trainer(TRAINER), pm, cm, dataset)
 
 
 def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_weights: dict) -> Path:
@@ -86,6 +81,27 @@ def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_wei
                 "trainer_name": TRAINER, "inference_allowed_mirroring_axes": None},
                folder / "fold_0" / "checkpoint_final.pth")
     return folder
+
+
+def random_model_folder(root: str | Path, dataset: dict, plans: dict | None = None, network_class: str | None = None,
+                        seed: int = 0) -> Path:
+    """`write_model_folder` with random weights of the network these plans describe (default: the small
+    `ts_old_format_plans()`). `network_class`: dotted name of another network class; the plans are then written in
+    the new format (as nnU-Net converts them) with that class."""
+    import torch
+
+    from nnunet_green.nnunet_io import build_network as build, configuration_managers, find_trainer
+
+    plans = ts_old_format_plans() if plans is None else plans
+    if network_class is not None:
+        _, cm = configuration_managers(plans, "3d_fullres")
+        conf = json.loads(json.dumps(cm.configuration))
+        conf["architecture"]["network_class_name"] = network_class
+        plans = {**plans, "configurations": {"3d_fullres": conf}}
+    pm, cm = configuration_managers(plans, "3d_fullres")
+    torch.manual_seed(seed)
+    net = build(find_trainer(TRAINER), pm, cm, dataset)
+    return write_model_folder(root, plans, dataset, net.state_dict())
 
 
 def offline_env(weights: str | Path, home: str | Path) -> dict:
