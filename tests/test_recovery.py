@@ -329,7 +329,8 @@ def test_budgeted_ranks_beat_uniform_at_equal_budget(trained_fp32):
     import copy
 
     from nnunet_green.compression import TuckerConfig, tucker_
-    from nnunet_green.compression.rank_selection import apply_ranks_, select_ranks
+    from nnunet_green.compression import apply_ranks_
+    from nnunet_green.compression.rank_selection import select_ranks
 
     dense = _trained_network(trained_fp32)
     uniform = copy.deepcopy(dense)

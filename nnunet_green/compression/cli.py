@@ -13,6 +13,7 @@ import warnings
 
 from nnunet_green.contract import (DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO, EXIT_BAD_INPUT,
                                    EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, GreenError)
+from nnunet_green.recovery.settings import DistillSettings
 
 PROG = "nnunet-green-compress"
 
@@ -80,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--distill", metavar="IMAGES_DIR",
                      help="after factorizing, train the compressed network to reproduce the dense network's logits "
                           "on these unlabelled images (CASE_0000.nii.gz, ...) before the folder is published")
-    rec.add_argument("--distill-steps", type=int, help="distillation steps per fold (default 200)")
-    rec.add_argument("--distill-lr", type=float, help="distillation AdamW lr (default 1e-4)")
+    rec.add_argument("--distill-steps", type=int,
+                     help=f"distillation steps per fold (default {DistillSettings.steps})")
+    rec.add_argument("--distill-lr", type=float, help=f"distillation AdamW lr (default {DistillSettings.lr:g})")
     rec.add_argument("--distill-minutes", type=float, help="stop distillation after this long (per fold)")
     rec.add_argument("--device", choices=("cpu", "cuda"), help="device for --distill (default cpu)")
     p.add_argument("-f", "--folds", nargs="+", help="folds to compress (default: all present)")

@@ -382,26 +382,19 @@ def build_manifest(source: Source, result: Decomposition, config, half: bool, ve
 # step 6 (optional): label-free distillation; the recovery package owns it
 # --------------------------------------------------------------------------------------------------------------------
 
-def _recovery():
-    """Where distillation lives (one import to repoint when it moves)."""
-    from nnunet_green.compression import distill
-    return distill
-
-
 def check_distill_images(images, dataset_json: dict) -> None:
-    rec = _recovery()
+    from nnunet_green.recovery import DistillError, check_images
     try:
-        names = rec.channel_names(dataset_json)
-        rec.find_cases(Path(images), dataset_json.get("file_ending", ".nii.gz"), len(names), names)
-    except rec.DistillError as e:
+        check_images(images, dataset_json)
+    except DistillError as e:
         raise CompressionError(f"--distill: {e}") from None
 
 
 def run_distillation(out: Path, teacher: Path, settings: dict) -> dict:
-    rec = _recovery()
+    from nnunet_green.recovery import DistillError, distill_model_folder
     try:
-        return rec.distill_model_folder(out, teacher=teacher, **settings)
-    except rec.DistillError as e:
+        return distill_model_folder(out, teacher=teacher, **settings)
+    except DistillError as e:
         raise CompressionError(f"distillation: {e}") from None
 
 
@@ -428,8 +421,3 @@ def _progress(items, enabled: bool, desc: str):
         return items
     from tqdm import tqdm
     return tqdm(items, desc=desc, file=sys.stderr, leave=False)
-
-
-def available_folds(folder: Path, checkpoint: str = DEFAULT_CHECKPOINT) -> list[str]:
-    """Kept for bench_cli until it reads folders through nnunet_io.ModelFolder."""
-    return ModelFolder(folder).folds(checkpoint)

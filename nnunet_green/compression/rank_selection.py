@@ -207,12 +207,3 @@ def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_sh
                                    layer["dense"], r_in, r_out, cur_cost(layer), rel))
     return RankSelection(budget=budget, cost=cost, dense_cost=dense_total, selected_cost=spent, ranks=ranks,
                          layers=choices, skipped=skipped)
-
-
-def __getattr__(name):
-    # apply_ranks_ lived here before the policies; it is tucker_ with GivenRanks now (api imports this module, so
-    # the old name is resolved on first use instead of by a module-level import)
-    if name == "apply_ranks_":
-        from .api import apply_ranks_
-        return apply_ranks_
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
