@@ -11,7 +11,7 @@ Names are imported lazily (torch only when a measurement needs it).
 """
 from __future__ import annotations
 
-import importlib
+from nnunet_green._lazy import lazy_exports
 
 _EXPORTS = {
     "BenchError": "bench", "markdown": "bench", "model_label": "bench",
@@ -23,12 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

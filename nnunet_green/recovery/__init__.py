@@ -10,7 +10,7 @@ Names are imported lazily: `from nnunet_green.recovery import DistillSettings` d
 """
 from __future__ import annotations
 
-import importlib
+from nnunet_green._lazy import lazy_exports
 
 _EXPORTS = {
     "DistillSettings": "settings", "DistillError": "settings", "LOSSES": "settings",
@@ -20,12 +20,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from nnunet_green.contract import (DATASET_FILE, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK, FINGERPRINT_FILE,
+from nnunet_green.contract import (DATASET_FILE, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, FINGERPRINT_FILE,
                                    LIGHT_PLANNER, LIGHT_PLANS, GreenError)
 
 PROG = "nnunet-green-plan"
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return EXIT_FAILED
     return EXIT_OK
 
 
