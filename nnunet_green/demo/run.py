@@ -26,7 +26,8 @@ GPU_TRAINERS = ("nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP8bit", "nnUNetTr
 # Lines of nnU-Net's training output worth showing live; everything goes to the step's log file.
 SHOWN = re.compile(r"^\S+ \S+: (Epoch \d+|Epoch time|Pseudo dice|Mean Validation Dice|nnunet-green:)")
 BIN = Path(sys.executable).parent
-# Run lengths. The synthetic default is sized to finish in about 10 minutes on 2 CPU cores (docs/results/demo_synthetic/);
+# Run lengths. The synthetic default is sized to finish within 10 minutes on 2 CPU cores
+# (docs/results/demo_synthetic/);
 # the real-data run is the longer one recorded in docs/results/demo_hippocampus/.
 SYNTHETIC_RUN = {"n_train": 10, "n_test": 3, "epochs": 3, "iters": 25, "val_iters": 2}
 DATA_RUN = {"n_train": 20, "n_test": 5, "epochs": 4, "iters": 40, "val_iters": 3}
@@ -45,12 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None,
                    help="MSD-layout task folder (e.g. Task04_Hippocampus); default: a small SYNTHETIC dataset")
     p.add_argument("--n-train", type=int, default=None,
-                   help=f"training cases (default {SYNTHETIC_RUN['n_train']} synthetic, {DATA_RUN['n_train']} from --data)")
+                   help=f"training cases (default {SYNTHETIC_RUN['n_train']} synthetic, "
+                        f"{DATA_RUN['n_train']} from --data)")
     p.add_argument("--n-test", type=int, default=None,
                    help=f"held-out cases, scored against their labels (default {SYNTHETIC_RUN['n_test']} synthetic, "
                         f"{DATA_RUN['n_test']} from --data)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs per training run (default {SYNTHETIC_RUN['epochs']} synthetic, {DATA_RUN['epochs']} with --data)")
+                   help=f"epochs per training run (default {SYNTHETIC_RUN['epochs']} synthetic, "
+                        f"{DATA_RUN['epochs']} with --data)")
     p.add_argument("--iters", type=int, default=None,
                    help=f"training iterations per epoch (default {SYNTHETIC_RUN['iters']} synthetic, "
                         f"{DATA_RUN['iters']} with --data)")

@@ -33,7 +33,8 @@ def is_writer() -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def node_energy_sum(gpu_j: float | None, cpu_j: float | None, is_node_leader: bool) -> tuple[float | None, float | None]:
+def node_energy_sum(gpu_j: float | None, cpu_j: float | None,
+                    is_node_leader: bool) -> tuple[float | None, float | None]:
     """(GPU joules, CPU joules) summed over the node leaders of the job. A part that some node could not measure
     is None: an undercount would read as a saving."""
     if _group_size() == 1:

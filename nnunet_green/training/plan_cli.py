@@ -10,8 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from nnunet_green.contract import (DATASET_FILE, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, FINGERPRINT_FILE,
-                                   LIGHT_PLANNER, LIGHT_PLANS, GreenError)
+from nnunet_green.contract import (DATASET_FILE, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK,
+                                   FINGERPRINT_FILE, LIGHT_PLANNER, LIGHT_PLANS, GreenError)
 
 PROG = "nnunet-green-plan"
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # nnU-Net's planned configurations
