@@ -29,8 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nnunet_green.contract import (FINETUNE_TRAINER, RECOVERY_DISTILLED, RECOVERY_FINETUNED, GreenSettings,
-                                   env_name)
+from nnunet_green.contract import (FINETUNE_TRAINER, MANIFEST_FILE, RECOVERY_DISTILLED, RECOVERY_FINETUNED,
+                                   GreenSettings, env_name)
 from nnunet_green.evaluation.experiment import equal_budget, training_cost
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     for ratio in args.ratios:
         uniform_dir = models / f"r{ratio:g}-uniform"
         compress_model_folder(dense, uniform_dir, TuckerConfig(rank_ratio=ratio), folds=[args.fold], overwrite=True)
-        uniform = json.loads((uniform_dir / "compression.json").read_text())
+        uniform = json.loads((uniform_dir / MANIFEST_FILE).read_text())
         bases, budgets = {"uniform": uniform_dir}, {"uniform": None}
         for mode, cost in (("budgeted", "params"), ("budgeted-macs", "macs")):
             if mode in args.modes:
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         if "uniform" not in args.modes:
             del bases["uniform"]
         for mode, folder in bases.items():
-            m = json.loads((folder / "compression.json").read_text())
+            m = json.loads((folder / MANIFEST_FILE).read_text())
             base = {"ratio": ratio, "ranks": mode, "budget": budgets[mode] and round(budgets[mode], 4),
                     "compress_s": m["totals"]["decomposition_s"]}
             variants.append((folder, {**base, "recovery": "zero-shot", "seconds": 0.0, "energy_j": None,

@@ -33,6 +33,7 @@ import numpy as np
 from nnunet_green.evaluation import dice_scores, machine_info
 from nnunet_green.evaluation.experiment import equal_budget
 from nnunet_green.nnunet_io import ModelFolder
+from nnunet_green.contract import DEFAULT_CHECKPOINT, MANIFEST_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,7 @@ def fit(folder: Path, ct: Path, seg: Path, steps: int, patch, lr: float, batch_s
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-    ck_path = folder / "fold_0" / "checkpoint_final.pth"
+    ck_path = folder / "fold_0" / DEFAULT_CHECKPOINT
     ck = torch.load(ck_path, map_location="cpu", weights_only=False)
     ck["network_weights"] = net.eval().state_dict()
     torch.save(ck, ck_path)
@@ -193,8 +194,8 @@ def main(argv=None) -> int:
     rows = []
     for name, root in roots.items():
         folder = root / totalseg.TASK_FOLDER / totalseg.MODEL_FOLDER
-        params = json.loads((folder / "compression.json").read_text())["totals"]["params_after"] \
-            if (folder / "compression.json").is_file() else n_params
+        params = json.loads((folder / MANIFEST_FILE).read_text())["totals"]["params_after"] \
+            if (folder / MANIFEST_FILE).is_file() else n_params
         row = {"model": name, "params": params}
         for case, image in (("example_ct", ct), ("example_ct_sm", ct_sm)):
             seg = work / "seg" / f"{name}_{case}.nii.gz"

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from nnunet_green.contract import DATASET_FILE
 
 
 def msd_subset(source: str | os.PathLike, target_root: str | os.PathLike, n_train: int, n_test: int) -> Path:
@@ -13,7 +14,7 @@ def msd_subset(source: str | os.PathLike, target_root: str | os.PathLike, n_trai
     cases (images in imagesTs, their labels in labelsTs for scoring). Returns the new MSD task folder, ready for
     `nnUNetv2_convert_MSD_dataset`."""
     source = Path(source).resolve()
-    meta = json.loads((source / "dataset.json").read_text())
+    meta = json.loads((source / DATASET_FILE).read_text())
     cases = sorted(Path(entry["image"]).name for entry in meta["training"])
     if len(cases) < n_train + n_test:
         raise ValueError(f"{source} has {len(cases)} labelled cases; {n_train} training + {n_test} held-out asked")
@@ -30,7 +31,7 @@ def msd_subset(source: str | os.PathLike, target_root: str | os.PathLike, n_trai
     meta.update(numTraining=len(train), numTest=len(test),
                 training=[{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in train],
                 test=[f"./imagesTs/{n}" for n in test])
-    (target / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (target / DATASET_FILE).write_text(json.dumps(meta, indent=2))
     return target
 
 
@@ -70,5 +71,5 @@ def synthetic_msd_task(target_root: str | os.PathLike, n_train: int = 8, n_test:
         "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names[:n_train]],
         "test": [f"./imagesTs/{n}" for n in names[n_train:]],
     }
-    (target / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (target / DATASET_FILE).write_text(json.dumps(meta, indent=2))
     return target

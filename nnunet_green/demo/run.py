@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from nnunet_green.demo.data import msd_subset, synthetic_msd_task
+from nnunet_green.contract import BENCH_FILE, DATASET_FILE
 
 MARKER = ".nnunet-green-demo"
 # On a CPU the precision part of a setting is a GPU feature (it falls back to fp32), so the CPU default compares
@@ -74,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.n_train < 5:
         p.error("--n-train must be at least 5 (nnU-Net's fold 0 of a 5-fold split)")
-    if args.data is not None and not (args.data / "dataset.json").is_file():
+    if args.data is not None and not (args.data / DATASET_FILE).is_file():
         p.error(f"--data {args.data}: not an MSD task folder (no dataset.json)")
     if not 0 < args.rank_ratio <= 1:
         p.error("--rank-ratio must be in (0, 1]")
@@ -187,7 +188,7 @@ class Demo:
         self.run("predict_and_bench", "nnunet-green-bench", dense, compressed, "-o", bench,
                  "--images", self.raw / dataset_name / "imagesTs", "--labels", labels,
                  "--device", self.device, "--repeats", 3, "-f", 0)
-        return bench / "bench.json"
+        return bench / BENCH_FILE
 
     def report(self, inputs: list[Path]) -> Path:
         self.step("nnunet-green-report")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_green.contract import BASELINE_TRAINER, GREEN_SUMMARY_FILE, TrainingSummary, env_name
+from nnunet_green.contract import BASELINE_TRAINER, DEFAULT_CHECKPOINT, GREEN_SUMMARY_FILE, TrainingSummary, env_name
 
 
 def run_tool(args, env: dict) -> None:
@@ -46,7 +46,7 @@ def train_msd_subset(data: Path, work: Path, n_train: int, n_test: int, epochs: 
     model = work / "results" / dataset_name / f"{trainer}__nnUNetPlans__3d_fullres"
     task = msd_subset(data, work / "msd", n_train, n_test)
     images = work / "raw" / dataset_name / "imagesTs"
-    if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():
+    if not (model / f"fold_{fold}" / DEFAULT_CHECKPOINT).is_file():
         if not images.is_dir():
             run_tool(["nnUNetv2_convert_MSD_dataset", "-i", task, "-np", 1], env)
         if not (work / "preprocessed" / dataset_name / "nnUNetPlans.json").is_file():

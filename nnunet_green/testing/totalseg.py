@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from nnunet_green.contract import DATASET_FILE, DEFAULT_CHECKPOINT, PLANS_FILE
 
 TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
@@ -72,14 +73,14 @@ def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_wei
 
     folder = Path(root) / TASK_FOLDER / MODEL_FOLDER
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=4))
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=4))
+    (folder / PLANS_FILE).write_text(json.dumps(plans, indent=4))
+    (folder / DATASET_FILE).write_text(json.dumps(dataset, indent=4))
     torch.save({"network_weights": network_weights, "optimizer_state": None, "grad_scaler_state": None,
                 "logging": {}, "_best_ema": None, "current_epoch": 4000,
                 "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
                               "device": "cpu"},
                 "trainer_name": TRAINER, "inference_allowed_mirroring_axes": None},
-               folder / "fold_0" / "checkpoint_final.pth")
+               folder / "fold_0" / DEFAULT_CHECKPOINT)
     return folder
 
 

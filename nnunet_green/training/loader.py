@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nnunet_green.contract import LOADER_FILE, LOADER_FORMAT, LOADER_REPORT, GreenError, write_json_atomic
+from nnunet_green.contract import DATASET_FILE, LOADER_FILE, LOADER_FORMAT, LOADER_REPORT, GreenError, write_json_atomic
 
 N_PROC_ENV = "nnUNet_n_proc_DA"
 DEFAULT_HEADROOM = 1.25  # a loader "keeps up" if it delivers this many times the batches the step consumes
@@ -123,7 +123,7 @@ def check_inputs(dataset: str, configuration: str, plans: str, trainer: str, dev
         ident = name.split("_")[0][len("Dataset"):].lstrip("0") or "0"
         raise LoaderError(f"{name} is not preprocessed for {plans}/{configuration} (no cases in {data}): run "
                           f"`nnUNetv2_preprocess -d {ident} -plans_name {plans} -c {configuration}`")
-    if (base / "dataset.json").is_file() is False:
+    if (base / DATASET_FILE).is_file() is False:
         raise LoaderError(f"{base / 'dataset.json'} missing (written by nnU-Net's planning)")
     from nnunet_green.nnunet_io import find_trainer
 
