@@ -191,8 +191,7 @@ def training_table(inputs: Inputs) -> Table | None:
 
 # --- stopping and data wait ---------------------------------------------------------------------------------------
 EXTRAPOLATED = "extrapolated"
-EXTRAPOLATION_NOTE = ("extrapolated, not measured: the trainer's estimate of the epochs not trained, at this run's "
-                      "mean measured epoch")
+EXTRAPOLATION_NOTE = "estimate, not measured: the epochs not trained at this run's mean measured epoch"
 
 
 def fmt_stop(p: dict) -> str:
@@ -243,8 +242,11 @@ def stopping_table(inputs: Inputs) -> Table | None:
             cell["stop"] = dash(why.get("stop_reason", "not recorded"))
         else:
             multi = len(per) > 1
-            parts = [(f"fold {p['fold']}: " if multi else "") + (fmt_stop(p) if p["reason"] else DASH)
-                     for p in per]
+            texts = [fmt_stop(p) if p["reason"] else DASH for p in per]
+            if multi and len(set(texts)) == 1:  # every fold ended the same way
+                parts = [f"{texts[0]}, all {len(per)} folds"]
+            else:
+                parts = [(f"fold {p['fold']}: " if multi else "") + text for p, text in zip(per, texts)]
             notes = [f"policy: {p['policy']}" for p in per if p["policy"] and p["reason"] in EARLY_STOPS]
             notes += [p["inferred"] for p in per if p["inferred"]]
             notes += [(f"fold {p['fold']}: " if multi else "") + p["missing"] for p in per
@@ -262,7 +264,7 @@ def stopping_table(inputs: Inputs) -> Table | None:
         else:
             share = f" ({v['epochs_saved'] / sched:.0%} of the schedule)" if sched else ""
             cell["epochs_saved"] = Cell(f"{v['epochs_saved']}{share}")
-        method = [f"{EXTRAPOLATION_NOTE} ({v['saved_method']})" if v["saved_method"] else EXTRAPOLATION_NOTE]
+        method = [f"estimate, not measured — {v['saved_method']}" if v["saved_method"] else EXTRAPOLATION_NOTE]
         for col, key, fmt, extra in (("time_saved", "time_saved_s", fmt_duration, []),
                                      ("energy_saved", "energy_saved_j", fmt_energy,
                                       [why["energy_estimate"]] if s.energy_estimated else [])):
