@@ -978,3 +978,37 @@ def test_setting_names_stay_unique_and_readable(tmp_path):
         "nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight, 3d_fullres)",
         "nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight, 2d)",
         "nnUNetTrainerGreenFP32 (nnUNetPlans, 3d_fullres) [Dataset005_Prostate]"]
+
+
+def test_interrupted_and_unfinished_runs_have_no_saving(tmp_path):
+    """An interrupted run (the trainer's record without a stop decision) and a fold without green_summary.json:
+    nothing saved to compare, a reason instead of 0."""
+    from nnunet_green.report.collect import FoldRun, fold_stopping
+    from nnunet_green.report.tables import fmt_stop
+    interrupted = FoldRun(tmp_path / "fold_0", {"num_epochs": 100, "epochs_logged": 12, "stopping": {
+        "reason": "interrupted", "epoch": 11, "policy": "none (full schedule)"}}, [])
+    p = fold_stopping(interrupted)
+    assert p["reason"] == "interrupted" and p["epoch"] == 11 and p["epochs_saved"] is None
+    assert p["time_saved_s"] is None and "interrupted" in p["missing"]
+    assert fmt_stop(p) == "interrupted after epoch 11"
+    unfinished = fold_stopping(FoldRun(tmp_path / "fold_1", {}, [{"epoch": 0.0, "epoch_s": 3.0}]))
+    assert unfinished["reason"] is None and unfinished["epochs_trained"] == 1
+    assert GREEN_SUMMARY_FILE in unfinished["missing"] and "unfinished" in unfinished["missing"]
+
+
+def test_folds_that_end_differently_are_shown_per_fold(tmp_path):
+    from nnunet_green.report.collect import FoldRun, Setting, _stopping
+    from nnunet_green.training.stopping import full_schedule_estimate
+    rows = [{"epoch": e, "epoch_s": 10.0, "energy_j": 100.0} for e in range(4)]
+    stopped = {"reason": "time_budget", "epoch": 3, "time_s": 40.0, "energy_j": 400.0, "budget_hours": 0.0125,
+               "policy": "time budget 0.0125 h", "full_schedule": full_schedule_estimate(rows, 4, 10)}
+    folds = [FoldRun(tmp_path / "fold_0", {"num_epochs": 10, "epochs_logged": 4, "stopping": stopped}, []),
+             FoldRun(tmp_path / "fold_1", {"num_epochs": 10, "epochs_logged": 10, "stopping": {
+                 "reason": "schedule_complete", "epoch": 9, "policy": "none (full schedule)"}}, [])]
+    s = Setting("x", tmp_path, folds)
+    _stopping(s)
+    v = s.values
+    assert v["stop_reason"] == "time_budget/schedule_complete" and v["stop_epoch"] is None
+    assert (v["epochs_trained"], v["epochs_scheduled"], v["epochs_saved"]) == (14, 20, 6)
+    assert v["time_saved_s"] == pytest.approx(60.0) and v["energy_saved_j"] == pytest.approx(600.0)
+    assert v["saved_extrapolated"] and v["saved_method"].startswith("extrapolated: mean of the 4 measured epochs")
