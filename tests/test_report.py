@@ -96,11 +96,16 @@ def unreadable_rapl(root: Path, mp) -> Path:
 
 def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, device="cuda:0", gpu_w=250.0,
                cpu_w=None, epoch_s=30.0, mem=4000.0, dice=0.85, validation_dice=True, opt_bytes=123_456_789,
-               summary=True, final_val=None) -> dict | None:
+               summary=True, final_val=None, num_epochs=EPOCHS, policy=None, data_wait=None,
+               params=DENSE_PARAMS, epochs_run=None) -> dict | None:
     """A fold folder as nnU-Net + the green meter leave it, written by EpochMeter; returns green_summary.json.
 
     GPU energy = gpu_w × time through a fake NVML counter (device cuda only); CPU energy: an estimate of cpu_w
-    watts where given, else unavailable because RAPL is unreadable (the meter's own reason)."""
+    watts where given, else unavailable because RAPL is unreadable (the meter's own reason).
+    `policy` (a StoppingPolicy): decided after every epoch on the meter's rows and nnU-Net's EMA pseudo-Dice, as
+    the green trainer does, and the summary gets the trainer's own `stopping` record; without it the summary is
+    that of a version before early stopping. `data_wait`: share of each epoch's training time waiting for data.
+    `epochs_run`: epochs trained before the summary is written (default: the whole schedule, `num_epochs`)."""
     folder.mkdir(parents=True)
     dev = torch.device(device)
     clock, nvml = Clock(), FakeNvml()
@@ -119,15 +124,23 @@ def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, de
             clock.t += seconds
             nvml.counter_mj += (gpu_w or 0.0) * seconds * 1000
 
-        for e in range(EPOCHS):
+        ema, decision, epochs_done = [], None, 0
+        for e in range(num_epochs if epochs_run is None else epochs_run):
             t = epoch_s * (1.1 if e == 0 else 1.0) + 0.1 * e
             cuda.alloc = mem + e
             meter.start_epoch(e)
             spend(t * 0.9)
             meter.start_validation()
             spend(t * 0.1)
-            meter.end_epoch(train_loss=-0.2 - 0.05 * e, val_loss=-0.15 - 0.04 * e,
-                            pseudo_dice=dice * (1 - 0.5 * 0.6 ** e))
+            pseudo = dice * (1 - 0.5 * 0.6 ** e)
+            meter.end_epoch(train_loss=-0.2 - 0.05 * e, val_loss=-0.15 - 0.04 * e, pseudo_dice=pseudo,
+                            data_wait_s=None if data_wait is None else t * 0.9 * data_wait)
+            ema.append(pseudo if not ema else 0.9 * ema[-1] + 0.1 * pseudo)  # nnU-Net's ema_fg_dice
+            epochs_done = e + 1
+            if policy is not None and epochs_done < num_epochs:
+                decision = policy.decide(meter.rows(), ema)
+                if decision is not None:
+                    break
         # what a real nnU-Net fold folder also holds; the report must ignore it
         (folder / "checkpoint_final.pth").write_bytes(b"\x80\x02not a real checkpoint")
         (folder / "progress.png").write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -144,13 +157,26 @@ def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, de
         if not summary:
             return None
         # the keys nnUNetTrainerGreen._write_summary passes to the meter
-        return meter.write_summary({
-            "trainer": trainer, "precision": precision, "requested_precision": precision, "optimizer": optimizer,
-            "initial_lr": 0.01, "optimizer_state_bytes": opt_bytes, "num_parameters": DENSE_PARAMS,
-            "num_epochs": EPOCHS, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
-            "nonfinite_steps_skipped": 0,
-            "dice": {"pseudo_dice_last": dice * (1 - 0.5 * 0.6 ** (EPOCHS - 1)), "ema_pseudo_dice_best": dice - 0.02,
-                     "validation_mean_fg_dice": vdice}})
+        extra = {"trainer": trainer, "precision": precision, "requested_precision": precision,
+                 "optimizer": optimizer, "initial_lr": 0.01, "optimizer_state_bytes": opt_bytes,
+                 "num_parameters": params, "num_epochs": num_epochs, "iterations_per_epoch": 250,
+                 "val_iterations_per_epoch": 50, "nonfinite_steps_skipped": 0,
+                 "dice": {"pseudo_dice_last": dice * (1 - 0.5 * 0.6 ** (epochs_done - 1)),
+                          "ema_pseudo_dice_best": dice - 0.02, "validation_mean_fg_dice": vdice}}
+        if policy is not None:
+            extra["stopping"] = trainer_stopping_record(meter, policy, decision, epochs_done, num_epochs)
+        return meter.write_summary(extra)
+
+
+def trainer_stopping_record(meter, policy, decision, epochs_done: int, num_epochs: int) -> dict:
+    """green_summary.json["stopping"] as the green trainer writes it: its own `_stopping_summary`, run on a
+    stand-in holding just the state it reads (the meter, the stop decision, nnU-Net's epoch counters)."""
+    from types import SimpleNamespace
+
+    from nnunet_green.training.green_trainer import nnUNetTrainerGreen
+    state = SimpleNamespace(meter=meter, stop_record=decision, current_epoch=epochs_done, num_epochs=num_epochs,
+                            stopping=policy)
+    return nnUNetTrainerGreen._stopping_summary(state)
 
 
 def model_folder(root: Path, trainer: str) -> Path:
@@ -716,3 +742,273 @@ def test_unreadable_record_named_on_the_command_line_is_one_error(tmp_path, caps
 def test_help_lists_exit_codes():
     proc = subprocess.run([str(BIN / "nnunet-green-report"), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and EXIT_CODES_HELP in " ".join(proc.stdout.split())
+
+
+# --- early stopping, data wait, light plans -------------------------------------------------------------------------
+LIGHT_PARAMS = 612_345
+SCHEDULE = 30  # epochs of the runs that may stop early
+
+
+def light_folder(root: Path, trainer: str) -> Path:
+    return root / "Dataset004_Hippocampus" / f"{trainer}__nnUNetPlansGreenLight__3d_fullres"
+
+
+def _before_data_wait(fold: Path, keep_log_column: bool) -> None:
+    """Rewrite a fold as a version before data-wait timing left it: no totals.data_wait_* in the summary and (unless
+    `keep_log_column`) no data_wait_s column in green_log.csv."""
+    summary = json.loads((fold / GREEN_SUMMARY_FILE).read_text())
+    for k in ("data_wait_s", "data_wait_fraction"):
+        del summary["totals"][k]
+    (fold / GREEN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    if not keep_log_column:
+        lines = (fold / GREEN_LOG_FILE).read_text().splitlines()
+        i = lines[0].split(",").index("data_wait_s")
+        (fold / GREEN_LOG_FILE).write_text("\n".join(",".join(c for j, c in enumerate(ln.split(",")) if j != i)
+                                                     for ln in lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def stop_tree(tmp_path_factory):
+    from nnunet_green.training.stopping import StoppingPolicy
+    res = tmp_path_factory.mktemp("stop_inputs") / "results"
+    s = {
+        # stops on a plateau of its EMA pseudo-Dice; 25% of the training time waiting for data
+        "plateau": write_fold(model_folder(res, "nnUNetTrainerGreenFP32") / "fold_0", "nnUNetTrainerGreenFP32",
+                              "fp32", "sgd", num_epochs=SCHEDULE, policy=StoppingPolicy(patience=3, min_delta=0.03),
+                              data_wait=0.25, epoch_s=40.0, gpu_w=300.0),
+        # light plans, same trainer, no policy: the full schedule
+        "light": write_fold(light_folder(res, "nnUNetTrainerGreenFP32") / "fold_0", "nnUNetTrainerGreenFP32", "fp32",
+                            "sgd", policy=StoppingPolicy(), data_wait=0.05, epoch_s=12.0, gpu_w=200.0, mem=1500.0,
+                            params=LIGHT_PARAMS, dice=0.83),
+        # an energy budget of 3 epochs of 7500 J: stops after the epoch that leaves less than one more
+        "energy": write_fold(model_folder(res, "nnUNetTrainerGreenBF16") / "fold_0", "nnUNetTrainerGreenBF16", "bf16",
+                             "sgd", num_epochs=SCHEDULE, policy=StoppingPolicy(budget_kwh=3.2 * 7500 / 3.6e6),
+                             data_wait=0.1, epoch_s=30.0, gpu_w=250.0),
+        # summary without totals.data_wait_*, log with data_wait_s: the share is computed from the log
+        "from_log": write_fold(model_folder(res, "nnUNetTrainerGreenAMP8bit") / "fold_0", "nnUNetTrainerGreenAMP8bit",
+                               "amp", "sgd8bit", policy=StoppingPolicy(), data_wait=0.4, epoch_s=20.0),
+        # a version before stopping and data-wait timing, and fewer epochs logged than scheduled
+        "old": write_fold(model_folder(res, "nnUNetTrainerGreen8bit") / "fold_0", "nnUNetTrainerGreen8bit", "fp32",
+                          "sgd8bit", num_epochs=SCHEDULE, epochs_run=EPOCHS, epoch_s=25.0),
+    }
+    # EpochMeter cannot write an older format; strip what the earlier writers lacked
+    _before_data_wait(model_folder(res, "nnUNetTrainerGreenAMP8bit") / "fold_0", keep_log_column=True)
+    _before_data_wait(model_folder(res, "nnUNetTrainerGreen8bit") / "fold_0", keep_log_column=False)
+    out = tmp_path_factory.mktemp("stop_report")
+    assert main([str(res), "-o", str(out)]) == 0
+    return {"res": res, "summaries": s, "out": out, "json": json.loads((out / "report.json").read_text()),
+            "md": (out / "report.md").read_text(), "html": (out / "report.html").read_text()}
+
+
+def stop_rows(rep) -> dict:
+    return {r["setting"]: r for r in rep["json"]["stopping"]["rows"]}
+
+
+def section(md: str, title: str) -> str:
+    return md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def stop_cell(rep, name: str, header: str) -> str:
+    return md_cell(section(rep["md"], "Stopping and data loading"), name, header)
+
+
+def footnote(md_section: str, cell: str, containing: str) -> str:
+    """The text of the footnote of `cell` that contains `containing`."""
+    for n in re.findall(r"\[(\d+)\]", cell):
+        m = re.search(rf"^\[{n}\] (.*?)\s*$", md_section, re.M)
+        if m and containing in m.group(1):
+            return m.group(1)
+    raise AssertionError(f"no footnote with {containing!r} on {cell!r}")
+
+
+def test_plateau_stop_shows_reason_epoch_and_extrapolated_savings(stop_tree):
+    summary = stop_tree["summaries"]["plateau"]
+    st = summary["stopping"]
+    assert st["reason"] == "plateau" and summary["epochs_logged"] < SCHEDULE  # the policy did stop this run
+    log = [r for r in csv_rows(stop_tree["res"], "nnUNetTrainerGreenFP32")]
+    trained = len(log)
+    assert st["epoch"] == trained - 1
+    row = stop_rows(stop_tree)["nnUNetTrainerGreenFP32"]
+    assert row["stop_reason"] == "plateau" and row["stop_epoch"] == trained - 1
+    assert (row["epochs_trained"], row["epochs_scheduled"], row["epochs_saved"]) == (trained, SCHEDULE,
+                                                                                      SCHEDULE - trained)
+    # the saving is the mean measured epoch × the epochs not trained: checked against the log, not the record
+    mean_s = sum(float(r["epoch_s"]) for r in log) / trained
+    mean_j = sum(float(r["energy_j"]) for r in log) / trained
+    assert row["time_saved_s"] == pytest.approx(mean_s * (SCHEDULE - trained))
+    assert row["energy_saved_j"] == pytest.approx(mean_j * (SCHEDULE - trained))
+    assert row["saved_extrapolated"] and "extrapolated" in row["saved_method"]
+    stop = stop_cell(stop_tree, "nnUNetTrainerGreenFP32", "Stop")
+    assert stop.startswith(f"plateau after epoch {trained - 1} (best EMA pseudo-Dice {st['best_ema_pseudo_dice']:.4f}"
+                           f" at epoch {st['best_epoch']})")
+    assert footnote(section(stop_tree["md"], "Stopping and data loading"), stop, "policy: ") == \
+        f"policy: {st['policy']}"
+    saved = stop_cell(stop_tree, "nnUNetTrainerGreenFP32", "Epochs saved")
+    assert saved == f"{SCHEDULE - trained} ({(SCHEDULE - trained) / SCHEDULE:.0%} of the schedule)"
+    for header in ("Time saved (extrapolated)", "Energy saved (extrapolated)"):
+        cell = stop_cell(stop_tree, "nnUNetTrainerGreenFP32", header)
+        assert cell.startswith("≈") and "(extrapolated)" in cell, cell
+        note = footnote(section(stop_tree["md"], "Stopping and data loading"), cell, "not measured")
+        assert st["full_schedule"]["method"] in note
+    minutes = float(re.match(r"≈([\d.]+) min", stop_cell(stop_tree, "nnUNetTrainerGreenFP32",
+                                                          "Time saved (extrapolated)")).group(1))
+    assert minutes == pytest.approx(row["time_saved_s"] / 60, abs=0.06)
+    assert stop_cell(stop_tree, "nnUNetTrainerGreenFP32", "Epochs trained / scheduled") == f"{trained} / {SCHEDULE}"
+    # the same fields in the training rows of report.json
+    train = {r["setting"]: r for r in stop_tree["json"]["training"]["rows"]}["nnUNetTrainerGreenFP32"]
+    assert train["stop_reason"] == "plateau" and train["epochs_saved"] == SCHEDULE - trained
+    assert train["stopping"][0]["best_epoch"] == st["best_epoch"]
+    assert 'class="est">≈' in stop_tree["html"]
+
+
+def csv_rows(res: Path, trainer: str) -> list[dict]:
+    import csv
+    with open(model_folder(res, trainer) / "fold_0" / GREEN_LOG_FILE, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_energy_budget_stop(stop_tree):
+    st = stop_tree["summaries"]["energy"]["stopping"]
+    assert st["reason"] == "energy_budget" and st["epoch"] == 2
+    row = stop_rows(stop_tree)["nnUNetTrainerGreenBF16"]
+    assert row["epochs_saved"] == SCHEDULE - 3 == st["full_schedule"]["epochs_saved"]
+    assert row["energy_saved_j"] == pytest.approx(st["full_schedule"]["energy_saved_j"])
+    assert stop_cell(stop_tree, "nnUNetTrainerGreenBF16", "Stop") == \
+        f"energy budget after epoch 2 (budget {3.2 * 7500 / 3.6e6:g} kWh)<sup>[{row_note(stop_tree, 'BF16')}]</sup>"
+
+
+def row_note(rep, trainer_part: str) -> str:
+    """The footnote number on the Stop cell of the row whose name contains `trainer_part`."""
+    rows = stop_rows(rep)
+    name = next(n for n in rows if trainer_part in n)
+    return re.search(r"\[(\d+)\]", stop_cell(rep, name, "Stop")).group(1)
+
+
+def test_full_schedule_says_so_and_saves_nothing(stop_tree):
+    name = "nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight)"
+    assert stop_tree["summaries"]["light"]["stopping"]["reason"] == "schedule_complete"
+    row = stop_rows(stop_tree)[name]
+    assert row["stop_reason"] == "schedule_complete" and row["epochs_saved"] == 0 and not row["saved_extrapolated"]
+    assert stop_cell(stop_tree, name, "Stop") == f"full schedule ({EPOCHS} epochs)"
+    for header in ("Epochs saved", "Time saved (extrapolated)", "Energy saved (extrapolated)"):
+        assert stop_cell(stop_tree, name, header) == "none"
+
+
+def test_data_wait_share(stop_tree):
+    rows, s = stop_rows(stop_tree), stop_tree["summaries"]
+    fp32 = rows["nnUNetTrainerGreenFP32"]
+    assert fp32["data_wait_fraction"] == pytest.approx(0.25) == pytest.approx(s["plateau"]["totals"]
+                                                                              ["data_wait_fraction"])
+    assert fp32["data_wait_s"] == pytest.approx(s["plateau"]["totals"]["data_wait_s"])
+    assert "green_summary.json" in fp32["data_wait_source"]
+    cell = stop_cell(stop_tree, "nnUNetTrainerGreenFP32", "Data wait")
+    assert cell.startswith("25.0% (")
+    assert rows["nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight)"]["data_wait_fraction"] == pytest.approx(0.05)
+    # the summary lacks it: computed from green_log.csv and said so
+    amp = rows["nnUNetTrainerGreenAMP8bit"]
+    log = csv_rows(stop_tree["res"], "nnUNetTrainerGreenAMP8bit")
+    expect = sum(float(r["data_wait_s"]) for r in log) / sum(float(r["train_s"]) for r in log)
+    assert amp["data_wait_fraction"] == pytest.approx(expect) == pytest.approx(0.4)
+    amp_cell = stop_cell(stop_tree, "nnUNetTrainerGreenAMP8bit", "Data wait")
+    assert amp_cell.startswith("40.0%")
+    assert GREEN_LOG_FILE in footnote(section(stop_tree["md"], "Stopping and data loading"), amp_cell, "computed")
+
+
+def test_older_summary_without_stopping_or_data_wait_renders(stop_tree, report):
+    """A run of a version before early stopping / data-wait timing: dashes with the reason, never 0."""
+    rows = stop_rows(stop_tree)
+    old = rows["nnUNetTrainerGreen8bit"]  # 6 of 30 epochs logged, no stopping record, no data_wait_s column
+    assert old["stop_reason"] is None and old["epochs_saved"] is None and old["data_wait_fraction"] is None
+    sec = section(stop_tree["md"], "Stopping and data loading")
+    for header, why in (("Stop", "no stopping record"), ("Epochs saved", "no stopping record"),
+                        ("Time saved (extrapolated)", "no stopping record"), ("Data wait", "no data_wait_s column")):
+        cell = stop_cell(stop_tree, "nnUNetTrainerGreen8bit", header)
+        assert cell.startswith("—<sup>["), (header, cell)
+        assert why in footnote(sec, cell, why)
+    assert old["missing_reasons"]["data_wait_fraction"].startswith("not recorded")
+    # the main fixture's summaries are of that version too, with all scheduled epochs logged: a full schedule,
+    # with a footnote saying how that is known; their data_wait_s column is empty
+    sec = section(report["md"], "Stopping and data loading")
+    for name, folds in (("nnUNetTrainerGreenFP32", ", all 2 folds"), ("nnUNetTrainerGreenBF16", "")):
+        cell = md_cell(sec, name, "Stop")
+        assert cell.startswith(f"full schedule ({EPOCHS} epochs){folds}<sup>"), cell
+        assert "written before early stopping existed" in footnote(sec, cell, "no stopping record")
+        assert md_cell(sec, name, "Epochs saved") == "none"
+        wait = md_cell(sec, name, "Data wait")
+        assert wait.startswith("—<sup>[") and "not timed" in footnote(sec, wait, "data_wait_s is empty")
+    rows = {r["setting"]: r for r in report["json"]["stopping"]["rows"]}
+    assert rows["nnUNetTrainerGreenFP32"]["epochs_trained"] == 2 * EPOCHS  # two folds, summed
+    assert rows["nnUNetTrainerGreenFP32"]["data_wait_fraction"] is None
+
+
+def test_light_plans_are_their_own_row_beside_the_default(stop_tree):
+    train = stop_tree["json"]["training"]["rows"]
+    names = [r["setting"] for r in train]
+    light, default = "nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight)", "nnUNetTrainerGreenFP32"
+    assert names[:2] == [default, light]  # the baseline first, its light-plans run right after it
+    rows = {r["setting"]: r for r in train}
+    assert rows[light]["plans"] == "nnUNetPlansGreenLight" and rows[default]["plans"] == "nnUNetPlans"
+    assert rows[light]["configuration"] == "3d_fullres"
+    assert rows[light]["parameters"] == LIGHT_PARAMS and rows[default]["parameters"] == DENSE_PARAMS
+    s = stop_tree["summaries"]
+    assert rows[light]["time_s"] == pytest.approx(s["light"]["totals"]["time_s"])
+    assert rows[light]["energy_j"] == pytest.approx(s["light"]["totals"]["energy_j"])
+    assert rows[light]["dice"] == pytest.approx(s["light"]["dice"]["validation_mean_fg_dice"])
+    # compared with the default-plans fp32 run, not with itself
+    rel = rows[light]["relative_to_baseline"]
+    assert rel["baseline"] == default
+    assert rel["x_energy"] == pytest.approx(rows[light]["energy_j"] / rows[default]["energy_j"])
+    md = section(stop_tree["md"], "Training runs")
+    assert md_cell(md, light, "Params") == "612 k" and md_cell(md, default, "Params") == "2.35 M"
+    assert re.search(rf"<td( class=\"long\")?>{re.escape(light)}</td>", stop_tree["html"])
+    assert light in stop_rows(stop_tree)
+
+
+def test_setting_names_stay_unique_and_readable(tmp_path):
+    from nnunet_green.report.collect import Setting, _setting_name, _unique_names
+    ds = tmp_path / "Dataset004_Hippocampus"
+    folders = [ds / "nnUNetTrainerGreenFP32__nnUNetPlans__3d_fullres",
+               ds / "nnUNetTrainerGreenFP32__nnUNetPlansGreenLight__3d_fullres",
+               ds / "nnUNetTrainerGreenFP32__nnUNetPlansGreenLight__2d",
+               tmp_path / "Dataset005_Prostate" / "nnUNetTrainerGreenFP32__nnUNetPlans__3d_fullres"]
+    settings = [Setting(_setting_name(f, []), f, []) for f in folders]
+    _unique_names(settings)
+    assert [s.name for s in settings] == [
+        "nnUNetTrainerGreenFP32 (nnUNetPlans, 3d_fullres) [Dataset004_Hippocampus]",
+        "nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight, 3d_fullres)",
+        "nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight, 2d)",
+        "nnUNetTrainerGreenFP32 (nnUNetPlans, 3d_fullres) [Dataset005_Prostate]"]
+
+
+def test_interrupted_and_unfinished_runs_have_no_saving(tmp_path):
+    """An interrupted run (the trainer's record without a stop decision) and a fold without green_summary.json:
+    nothing saved to compare, a reason instead of 0."""
+    from nnunet_green.report.collect import FoldRun, fold_stopping
+    from nnunet_green.report.tables import fmt_stop
+    interrupted = FoldRun(tmp_path / "fold_0", {"num_epochs": 100, "epochs_logged": 12, "stopping": {
+        "reason": "interrupted", "epoch": 11, "policy": "none (full schedule)"}}, [])
+    p = fold_stopping(interrupted)
+    assert p["reason"] == "interrupted" and p["epoch"] == 11 and p["epochs_saved"] is None
+    assert p["time_saved_s"] is None and "interrupted" in p["missing"]
+    assert fmt_stop(p) == "interrupted after epoch 11"
+    unfinished = fold_stopping(FoldRun(tmp_path / "fold_1", {}, [{"epoch": 0.0, "epoch_s": 3.0}]))
+    assert unfinished["reason"] is None and unfinished["epochs_trained"] == 1
+    assert GREEN_SUMMARY_FILE in unfinished["missing"] and "unfinished" in unfinished["missing"]
+
+
+def test_folds_that_end_differently_are_shown_per_fold(tmp_path):
+    from nnunet_green.report.collect import FoldRun, Setting, _stopping
+    from nnunet_green.training.stopping import full_schedule_estimate
+    rows = [{"epoch": e, "epoch_s": 10.0, "energy_j": 100.0} for e in range(4)]
+    stopped = {"reason": "time_budget", "epoch": 3, "time_s": 40.0, "energy_j": 400.0, "budget_hours": 0.0125,
+               "policy": "time budget 0.0125 h", "full_schedule": full_schedule_estimate(rows, 4, 10)}
+    folds = [FoldRun(tmp_path / "fold_0", {"num_epochs": 10, "epochs_logged": 4, "stopping": stopped}, []),
+             FoldRun(tmp_path / "fold_1", {"num_epochs": 10, "epochs_logged": 10, "stopping": {
+                 "reason": "schedule_complete", "epoch": 9, "policy": "none (full schedule)"}}, [])]
+    s = Setting("x", tmp_path, folds)
+    _stopping(s)
+    v = s.values
+    assert v["stop_reason"] == "time_budget/schedule_complete" and v["stop_epoch"] is None
+    assert (v["epochs_trained"], v["epochs_scheduled"], v["epochs_saved"]) == (14, 20, 6)
+    assert v["time_saved_s"] == pytest.approx(60.0) and v["energy_saved_j"] == pytest.approx(600.0)
+    assert v["saved_extrapolated"] and v["saved_method"].startswith("extrapolated: mean of the 4 measured epochs")

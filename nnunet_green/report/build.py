@@ -10,7 +10,8 @@ from nnunet_green import __version__
 from nnunet_green.contract import BENCH_FILE, GREEN_LOG_FILE, GREEN_SUMMARY_FILE, MANIFEST_FILE
 from nnunet_green.report import plots
 from nnunet_green.report.collect import Inputs, discover
-from nnunet_green.report.tables import Table, compression_records, compression_table, training_table
+from nnunet_green.report.tables import (Table, compression_records, compression_table, stopping_table,
+                                        training_table)
 
 FORMAT = "nnunet-green-report/1"
 
@@ -56,6 +57,7 @@ def build(paths, out_dir, title: str | None = None) -> Report:
         _figures(train, plots.TRAINING, inputs.settings, out)
     else:
         train.empty_reason = f"No training runs ({GREEN_LOG_FILE} / {GREEN_SUMMARY_FILE}) among the inputs."
+    stop = Section("Stopping and data loading", stopping_table(inputs), empty_reason=train.empty_reason)
     records = compression_records(inputs)
     comp = Section("Compressed models", compression_table(records))
     if records:
@@ -65,11 +67,11 @@ def build(paths, out_dir, title: str | None = None) -> Report:
 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     report = Report(title or "nnunet-green report", created, [str(Path(p).resolve()) for p in paths],
-                    inputs.warnings, [train, comp], {})
+                    inputs.warnings, [train, stop, comp], {})
     report.data = {
         "format": FORMAT, "nnunet_green_version": __version__, "created": created, "title": report.title,
         "inputs": report.inputs, "warnings": inputs.warnings,
-        "training": _table_json(train), "compression": _table_json(comp),
+        "training": _table_json(train), "stopping": _table_json(stop), "compression": _table_json(comp),
     }
     (out / "report.json").write_text(json.dumps(report.data, indent=2, default=str, allow_nan=False))
     from nnunet_green.report.html import render_html

@@ -20,6 +20,7 @@ from nnunet_green.contract import (BASELINE_TRAINER, BENCH_FILE, BENCH_FORMAT, G
                                    GreenError, SchemaError, TrainingSummary)
 
 FOLD_DIR = re.compile(r"fold_(\d+|all)$")
+DEFAULT_PLANS = "nnUNetPlans"  # nnU-Net's default plans identifier (`-p`); other plans are named in the setting
 # Folders that never hold inputs but can be large (nnU-Net predictions, caches).
 _PRUNE = {"__pycache__", "predictions", "validation", ".git"}
 _TEXT_COLUMNS = {"energy_source"}  # green_log.csv columns that are not numbers
@@ -215,18 +216,27 @@ def _settings(fold_dirs: list[Path], warnings) -> list[Setting]:
     settings = []
     for folder, dirs in groups.items():
         folds = [read_fold(d, warnings) for d in sorted(dirs, key=lambda d: _fold_key(d.name))]
-        s = Setting(name=_trainer_name(folder, folds), folder=folder, folds=folds)
+        s = Setting(name=_setting_name(folder, folds), folder=folder, folds=folds)
         aggregate(s, warnings)
         settings.append(s)
     _unique_names(settings)
-    # baseline first, then by name: stable, and the relative columns read left-to-right from the baseline
-    settings.sort(key=lambda s: (s.values.get("trainer") != BASELINE_TRAINER, s.name))
+    # baseline first, then by trainer with its default-plans row first and its other plans (light) right after it:
+    # stable, and the relative columns read left-to-right from the baseline
+    settings.sort(key=lambda s: (s.values.get("trainer") != BASELINE_TRAINER, s.values.get("trainer") or "",
+                                 s.values.get("plans") not in (None, DEFAULT_PLANS), s.name))
     return settings
 
 
 def _fold_key(name: str):
     m = FOLD_DIR.match(name)
     return (0, int(m.group(1))) if m and m.group(1).isdigit() else (1, name)
+
+
+def model_folder_parts(folder: Path) -> tuple[str | None, str | None]:
+    """(plans identifier, configuration) of an nnU-Net model folder named TRAINER__PLANS__CONFIGURATION;
+    (None, None) for a folder named otherwise (a lone fold folder somewhere else)."""
+    parts = folder.name.split("__")
+    return (parts[1], parts[2]) if len(parts) == 3 and all(parts) else (None, None)
 
 
 def _trainer_name(folder: Path, folds: list[FoldRun]) -> str:
@@ -237,6 +247,14 @@ def _trainer_name(folder: Path, folds: list[FoldRun]) -> str:
     return folder.name.split("__")[0]
 
 
+def _setting_name(folder: Path, folds: list[FoldRun]) -> str:
+    """The trainer, plus the plans identifier when it is not nnU-Net's default: a run with light plans
+    (`nnunet-green-plan`) is its own, recognisable row beside the default-plans run of the same trainer."""
+    trainer = _trainer_name(folder, folds)
+    plans, _ = model_folder_parts(folder)
+    return f"{trainer} ({plans})" if plans and plans != DEFAULT_PLANS else trainer
+
+
 def _unique_names(settings: list[Setting]) -> None:
     def dupes():
         seen: dict[str, int] = {}
@@ -245,9 +263,10 @@ def _unique_names(settings: list[Setting]) -> None:
         return {n for n, c in seen.items() if c > 1}
 
     d = dupes()
-    for s in settings:  # same trainer, other plans/configuration: add PLANS__CONFIGURATION
-        if s.name in d and "__" in s.folder.name:
-            s.name = f"{s.name} ({s.folder.name.split('__', 1)[1]})"
+    for s in settings:  # same trainer and plans, other configuration: name the plans and the configuration
+        plans, conf = model_folder_parts(s.folder)
+        if s.name in d and plans:
+            s.name = f"{_trainer_name(s.folder, s.folds)} ({plans}, {conf})"
     d = dupes()
     for s in settings:  # same model folder name in several datasets: add the dataset folder
         if s.name in d:
@@ -339,6 +358,7 @@ def aggregate(s: Setting, warnings) -> None:
     not_recorded = (f"no {GREEN_SUMMARY_FILE} (run unfinished?)" if no_summary
                     else f"not recorded in {GREEN_SUMMARY_FILE}")
     v["trainer"] = _trainer_name(s.folder, folds)
+    v["plans"], v["configuration"] = model_folder_parts(s.folder)
     v["folds"] = n
     v["fold_names"] = [f.fold for f in folds]
     v["epochs"] = [int(_first([f], "epochs_logged") or len(f.epochs)) for f in folds]
@@ -413,11 +433,154 @@ def aggregate(s: Setting, warnings) -> None:
                         if v["dice"] is not None and v["energy_j"] else None)
     if v["dice_per_kj"] is None:
         why["dice_per_kj"] = "needs both Dice and energy"
+    _stopping(s)
+    _data_wait(s)
     skipped = sum(int(number(_get(f.summary, "nonfinite_steps_skipped")) or 0) for f in folds)
     if skipped:
         warnings.append(f"{s.name}: {skipped} optimizer steps skipped for non-finite loss/gradients")
     if no_summary:
         warnings.append(f"{s.folder}: no {GREEN_SUMMARY_FILE}; totals computed from {GREEN_LOG_FILE} (run unfinished?)")
+
+
+# --- early stopping and data wait -----------------------------------------------------------------------------------
+STOP_REASONS = {"plateau": "plateau", "energy_budget": "energy budget", "time_budget": "time budget",
+                "schedule_complete": "full schedule", "interrupted": "interrupted"}
+EARLY_STOPS = ("plateau", "energy_budget", "time_budget")
+
+
+def fold_stopping(f: FoldRun) -> dict:
+    """How one fold's training ended, from green_summary.json["stopping"]: reason, stop epoch, epochs trained and
+    scheduled, and the epochs / time / energy saved against the full schedule (time and energy are the trainer's
+    extrapolation from the run's mean epoch, `method` says so). A summary written before stopping was recorded
+    gives reason None and `missing` saying why, unless it logged every scheduled epoch (then: full schedule,
+    `inferred` saying how that is known)."""
+    st = f.summary.get("stopping")
+    scheduled = number(f.summary.get("num_epochs"))
+    trained = int(number(f.summary.get("epochs_logged")) or len(f.epochs))
+    out = {"fold": f.fold, "reason": None, "epoch": None, "epochs_trained": trained, "epochs_scheduled": scheduled,
+           "epochs_saved": None, "time_saved_s": None, "energy_saved_j": None, "method": None, "policy": None,
+           "best_epoch": None, "best_ema_pseudo_dice": None, "budget": None, "inferred": None, "missing": None}
+    if not isinstance(st, dict) or not st.get("reason"):
+        if not f.summary:
+            out["missing"] = f"no {GREEN_SUMMARY_FILE} (run unfinished?)"
+        elif scheduled and trained >= scheduled:
+            out.update(reason="schedule_complete", epoch=trained - 1, epochs_saved=0, time_saved_s=0.0,
+                       energy_saved_j=0.0,
+                       inferred=f"no stopping record in {GREEN_SUMMARY_FILE} (written before early stopping "
+                                f"existed); all {scheduled:.0f} scheduled epochs were logged")
+        else:
+            out["missing"] = (f"no stopping record in {GREEN_SUMMARY_FILE} (written before early stopping "
+                              f"existed) and {trained} of "
+                              f"{'?' if scheduled is None else f'{scheduled:.0f}'} scheduled epochs logged")
+        return out
+    reason = str(st["reason"])
+    epoch = number(st.get("epoch"))
+    out.update(reason=reason, epoch=None if epoch is None else int(epoch),
+               policy=st.get("policy") if isinstance(st.get("policy"), str) else None)
+    if reason == "schedule_complete":
+        out.update(epochs_saved=0, time_saved_s=0.0, energy_saved_j=0.0)
+    elif reason == "interrupted":
+        out["missing"] = "interrupted before the end of its schedule (no stop decision): nothing saved to compare"
+    else:  # an early stop (or a reason of a newer version) with the trainer's full-schedule estimate
+        fs = st.get("full_schedule") if isinstance(st.get("full_schedule"), dict) else {}
+        if fs:
+            saved = number(fs.get("epochs_saved"))
+            out.update(epochs_saved=None if saved is None else int(saved), time_saved_s=number(fs.get("time_saved_s")),
+                       energy_saved_j=number(fs.get("energy_saved_j")),
+                       method=fs.get("method") if isinstance(fs.get("method"), str) else None)
+            if number(fs.get("num_epochs")) is not None:
+                out["epochs_scheduled"] = number(fs["num_epochs"])
+        else:
+            out["missing"] = f"its stopping record in {GREEN_SUMMARY_FILE} has no full_schedule estimate"
+        if reason == "plateau":
+            best = number(st.get("best_epoch"))
+            out.update(best_epoch=None if best is None else int(best),
+                       best_ema_pseudo_dice=number(st.get("best_ema_pseudo_dice")))
+        for key, unit in (("budget_kwh", "kWh"), ("budget_hours", "h")):
+            if number(st.get(key)) is not None:
+                out["budget"] = f"{number(st[key]):g} {unit}"
+    return out
+
+
+def _stopping(s: Setting) -> None:
+    """Setting values: stop reason(s), stop epoch, epochs trained / scheduled / saved, time and energy saved
+    (summed over folds; missing if any fold has none), and the per-fold records under "stopping"."""
+    folds, v, why = s.folds, s.values, s.reasons
+    per = [fold_stopping(f) for f in folds]
+    v["stopping"] = per
+    reasons = [p["reason"] for p in per]
+    v["stop_reason"] = "/".join(dict.fromkeys(r for r in reasons if r)) or None
+    epochs = {p["epoch"] for p in per}
+    v["stop_epoch"] = epochs.pop() if len(epochs) == 1 else None
+    v["epochs_trained"] = sum(p["epochs_trained"] for p in per)
+    sched = [p["epochs_scheduled"] for p in per]
+    v["epochs_scheduled"] = None if any(x is None for x in sched) else int(sum(sched))
+    v["saved_method"] = "; ".join(dict.fromkeys(p["method"] for p in per if p["method"])) or None
+    v["saved_extrapolated"] = any(p["reason"] not in (None, "schedule_complete", "interrupted") for p in per)
+    label = (lambda p: f"fold {p['fold']}: ") if len(per) > 1 else (lambda p: "")
+    missing = [label(p) + p["missing"] for p in per if p["missing"]]
+    if v["stop_reason"] is None:
+        why["stop_reason"] = "; ".join(missing)
+    for key in ("epochs_saved", "time_saved_s", "energy_saved_j"):
+        vals = [p[key] for p in per]
+        if any(x is None for x in vals):
+            v[key] = None
+            lacking = [label(p) + (p["missing"] or ("no energy measured, so no energy saving to extrapolate"
+                                                    if key == "energy_saved_j" else f"{key} not recorded"))
+                       for p, x in zip(per, vals) if x is None]
+            why[key] = "; ".join(lacking)
+        else:
+            v[key] = sum(vals)
+
+
+def _data_wait_fold(f: FoldRun) -> tuple[float | None, float | None, float | None, str]:
+    """(data wait s, training s, share, source or the reason it is missing) of one fold: the summary's
+    totals.data_wait_fraction, else data_wait_s / train_s summed over the epochs of green_log.csv that have both."""
+    totals = f.summary.get("totals") if isinstance(f.summary.get("totals"), dict) else {}
+    frac = number(totals.get("data_wait_fraction"))
+    if frac is not None:
+        return number(totals.get("data_wait_s")), number(totals.get("train_s")), frac, \
+            f"totals.data_wait_fraction of {GREEN_SUMMARY_FILE}"
+    pairs = [(r["data_wait_s"], r["train_s"]) for r in f.epochs
+             if r.get("data_wait_s") is not None and r.get("train_s") is not None]
+    train = sum(t for _, t in pairs)
+    if pairs and train > 0:
+        wait = sum(w for w, _ in pairs)
+        return wait, train, wait / train, (f"computed from {GREEN_LOG_FILE}: data_wait_s / train_s over "
+                                           f"{len(pairs)} epochs")
+    if f.epochs and all("data_wait_s" not in r for r in f.epochs) and "data_wait_s" not in totals:
+        return None, None, None, (f"not recorded: {GREEN_LOG_FILE} has no data_wait_s column (written before "
+                                  "data-wait timing existed)")
+    if not f.epochs and "data_wait_s" not in totals:
+        return None, None, None, f"not recorded in {GREEN_SUMMARY_FILE} or {GREEN_LOG_FILE}"
+    return None, None, None, ("not recorded: data_wait_s is empty (the training data loader was not timed, "
+                              "e.g. a trainer that is not a green trainer)")
+
+
+def _data_wait(s: Setting) -> None:
+    """Share of the training time spent waiting for batches: per fold as `_data_wait_fold`; several folds: their
+    summed wait ÷ summed training time (missing if any fold lacks it)."""
+    v, why = s.values, s.reasons
+    per = [(f, *_data_wait_fold(f)) for f in s.folds]
+    lacking = [(f, src) for f, _, _, frac, src in per if frac is None]
+    v["data_wait_source"] = None
+    if lacking:
+        v["data_wait_s"] = v["data_wait_fraction"] = None
+        why["data_wait_fraction"] = "; ".join((f"fold {f.fold}: " if len(per) > 1 else "") + src
+                                              for f, src in lacking)
+        return
+    v["data_wait_source"] = " / ".join(sorted({src for *_, src in per}))
+    if len(per) == 1:
+        _, wait, _, frac, _ = per[0]
+        v["data_wait_s"], v["data_wait_fraction"] = wait, frac
+    elif all(wait is not None and train for _, wait, train, _, _ in per):
+        v["data_wait_s"] = sum(w for _, w, _, _, _ in per)
+        v["data_wait_fraction"] = v["data_wait_s"] / sum(t for _, _, t, _, _ in per)
+        v["data_wait_source"] += f", summed over {len(per)} folds"
+    else:
+        v["data_wait_s"] = v["data_wait_fraction"] = None
+        why["data_wait_fraction"] = (f"the folds' data-wait and training times are not both in "
+                                     f"{GREEN_SUMMARY_FILE}: cannot combine their shares")
 
 
 def epoch_series(s: Setting, column: str):

@@ -64,7 +64,8 @@ def render_html(report, out_dir: Path) -> str:
              f"<h1>{_e(report.title)}</h1>",
              f"<p>Generated {_e(report.created)} by nnunet-green-report. Missing values are “—” with a numbered "
              "footnote giving the reason (never 0); cells with an estimated CPU energy are hatched and read "
-             "“≈… (est.)”.</p>",
+             "“≈… (est.)”, savings of an early stop (extrapolated from the run's mean epoch) are hatched and "
+             "read “≈… (extrapolated)”.</p>",
              "<details><summary>Inputs</summary><ul>" + "".join(f"<li><code>{_e(p)}</code></li>"
                                                                for p in report.inputs) + "</ul></details>"]
     if report.warnings:

@@ -29,7 +29,8 @@ def table_markdown(t: Table) -> list[str]:
 def render_markdown(report) -> str:
     lines = [f"# {report.title}", "", f"Generated {report.created} by nnunet-green-report. "
              "Missing values are shown as \"—\" with a numbered footnote giving the reason (never as 0); "
-             "values that include an estimated CPU energy are shown as \"≈… (est.)\".", ""]
+             "values that include an estimated CPU energy are shown as \"≈… (est.)\", savings of an early stop "
+             "(extrapolated from the run's mean epoch, not measured) as \"≈… (extrapolated)\".", ""]
     lines += ["Inputs:", ""] + [f"- `{p}`" for p in report.inputs] + [""]
     if report.warnings:
         lines += ["**Warnings**", ""] + [f"- {_esc(w)}" for w in report.warnings] + [""]

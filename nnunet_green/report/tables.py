@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_green.contract import BASELINE_TRAINER, BENCH_FILE, MANIFEST_FILE
-from nnunet_green.report.collect import Inputs, Setting, _get, number, recovery_figures
+from nnunet_green.report.collect import (DEFAULT_PLANS, EARLY_STOPS, STOP_REASONS, Inputs, Setting, _get,
+                                         number, recovery_figures)
 
 DASH = "—"
 
@@ -83,7 +84,10 @@ def memory_metric(settings: list[Setting]) -> tuple[str | None, str]:
 
 
 def baseline(settings: list[Setting]) -> Setting | None:
-    return next((s for s in settings if s.values.get("trainer") == BASELINE_TRAINER), None)
+    """The fp32 baseline: the `BASELINE_TRAINER` run with nnU-Net's default plans (a light-plans run of the same
+    trainer is compared to it), else any run of that trainer."""
+    fp32 = [s for s in settings if s.values.get("trainer") == BASELINE_TRAINER]
+    return next((s for s in fp32 if s.values.get("plans") in (None, DEFAULT_PLANS)), fp32[0] if fp32 else None)
 
 
 def training_table(inputs: Inputs) -> Table | None:
@@ -183,6 +187,113 @@ def training_table(inputs: Inputs) -> Table | None:
             rec["estimate_note"] = why.get("energy_estimate")
         t.records.append(rec)
     return t
+
+
+# --- stopping and data wait ---------------------------------------------------------------------------------------
+EXTRAPOLATED = "extrapolated"
+EXTRAPOLATION_NOTE = "estimate, not measured: the epochs not trained at this run's mean measured epoch"
+
+
+def fmt_stop(p: dict) -> str:
+    """'plateau after epoch 41 (best EMA pseudo-Dice 0.8512 at epoch 31)', 'full schedule (100 epochs)'."""
+    reason = p["reason"]
+    if reason == "schedule_complete":
+        n = p["epochs_scheduled"] if p["epochs_scheduled"] is not None else p["epochs_trained"]
+        return f"full schedule ({n:.0f} epochs)"
+    label = STOP_REASONS.get(reason, reason)
+    text = f"{label} after epoch {p['epoch']}" if p["epoch"] is not None else label
+    if reason == "plateau" and p["best_epoch"] is not None:
+        best = f"{p['best_ema_pseudo_dice']:.4f} " if p["best_ema_pseudo_dice"] is not None else ""
+        text += f" (best EMA pseudo-Dice {best}at epoch {p['best_epoch']})"
+    elif p["budget"]:
+        text += f" (budget {p['budget']})"
+    return text
+
+
+def stopping_table(inputs: Inputs) -> Table | None:
+    """Per setting: how training ended, what stopping early saved against the full schedule (extrapolated), and
+    the share of the training time spent waiting for data."""
+    settings = inputs.settings
+    if not settings:
+        return None
+    cols = [("setting", "Setting"), ("stop", "Stop"), ("epochs", "Epochs trained / scheduled"),
+            ("epochs_saved", "Epochs saved"), ("time_saved", "Time saved (extrapolated)"),
+            ("energy_saved", "Energy saved (extrapolated)"), ("data_wait", "Data wait")]
+    t = Table("Stopping and data loading", cols, [], [])
+    t.remarks.append("Stop: why training ended — an early stop (plateau of nnU-Net's EMA pseudo-Dice, energy or "
+                     "time budget; nnUNet_green_patience / _budget_kwh / _budget_hours) after the epoch shown "
+                     "(0-based, as nnU-Net counts), or the full schedule.")
+    t.remarks.append("Time and energy saved are extrapolated, never measured: the epochs not trained × this run's "
+                     "mean measured epoch, as the trainer recorded in green_summary.json (stopping.full_schedule); "
+                     "a full schedule saved nothing. Several folds: epochs, time and energy summed.")
+    t.remarks.append("Data wait: share of the training time (train_s) the training loop spent waiting for batches "
+                     "from nnU-Net's data loader; a large share means the accelerator starves (see "
+                     "nnunet-green-loader).")
+    for s in settings:
+        v, why = s.values, s.reasons
+        per = v["stopping"]
+        cell: dict[str, Cell] = {"setting": Cell(s.name)}
+
+        def dash(reason):
+            return Cell(DASH, [t.notes.ref(reason)])
+
+        known = [p for p in per if p["reason"]]
+        if not known:
+            cell["stop"] = dash(why.get("stop_reason", "not recorded"))
+        else:
+            multi = len(per) > 1
+            texts = [fmt_stop(p) if p["reason"] else DASH for p in per]
+            if multi and len(set(texts)) == 1:  # every fold ended the same way
+                parts = [f"{texts[0]}, all {len(per)} folds"]
+            else:
+                parts = [(f"fold {p['fold']}: " if multi else "") + text for p, text in zip(per, texts)]
+            notes = [f"policy: {p['policy']}" for p in per if p["policy"] and p["reason"] in EARLY_STOPS]
+            notes += [p["inferred"] for p in per if p["inferred"]]
+            notes += [(f"fold {p['fold']}: " if multi else "") + p["missing"] for p in per
+                      if p["missing"] and not p["reason"]]
+            cell["stop"] = Cell("; ".join(parts), [t.notes.ref(n) for n in dict.fromkeys(notes)])
+        sched = v["epochs_scheduled"]
+        cell["epochs"] = Cell(f"{v['epochs_trained']} / {DASH if sched is None else sched}",
+                              [] if sched is not None else [t.notes.ref("number of scheduled epochs (num_epochs) "
+                                                                        "not recorded")])
+        nothing_saved = v["epochs_saved"] == 0 and not v["saved_extrapolated"]
+        if v["epochs_saved"] is None:
+            cell["epochs_saved"] = dash(why["epochs_saved"])
+        elif nothing_saved:
+            cell["epochs_saved"] = Cell("none")
+        else:
+            share = f" ({v['epochs_saved'] / sched:.0%} of the schedule)" if sched else ""
+            cell["epochs_saved"] = Cell(f"{v['epochs_saved']}{share}")
+        method = [f"estimate, not measured — {v['saved_method']}" if v["saved_method"] else EXTRAPOLATION_NOTE]
+        for col, key, fmt, extra in (("time_saved", "time_saved_s", fmt_duration, []),
+                                     ("energy_saved", "energy_saved_j", fmt_energy,
+                                      [why["energy_estimate"]] if s.energy_estimated else [])):
+            if v[key] is None:
+                cell[col] = dash(why[key])
+            elif nothing_saved:
+                cell[col] = Cell("none")
+            else:
+                est = " (est.)" if extra else ""
+                cell[col] = Cell(f"≈{fmt(v[key])} ({EXTRAPOLATED}){est}",
+                                 [t.notes.ref(n) for n in method + extra], True)
+        if v["data_wait_fraction"] is None:
+            cell["data_wait"] = dash(why["data_wait_fraction"])
+        else:
+            wait = f" ({fmt_duration(v['data_wait_s'])})" if v["data_wait_s"] is not None else ""
+            cell["data_wait"] = Cell(f"{v['data_wait_fraction']:.1%}{wait}",
+                                     [t.notes.ref(f"data wait: {v['data_wait_source']}")])
+        t.rows.append(cell)
+        t.records.append({"setting": s.name, **{k: v[k] for k in STOPPING_KEYS},
+                          "missing_reasons": {k: why[k] for k in STOPPING_KEYS if k in why},
+                          "display": {k: c.text for k, c in cell.items()},
+                          "footnotes": {k: [t.notes.texts[i - 1] for i in c.notes] for k, c in cell.items()
+                                        if c.notes}})
+    return t
+
+
+STOPPING_KEYS = ("stop_reason", "stop_epoch", "epochs_trained", "epochs_scheduled", "epochs_saved", "time_saved_s",
+                 "energy_saved_j", "saved_extrapolated", "saved_method", "data_wait_s", "data_wait_fraction",
+                 "data_wait_source", "stopping")
 
 
 # --- compressed models ---------------------------------------------------------------------------------------------
