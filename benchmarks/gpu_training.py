@@ -13,7 +13,7 @@ Targets (issue #13), printed as pass / fail / not measured: nnUNetTrainerGreenAM
 memory, <= 0.6x the mean epoch time and <= 0.5x the training energy of nnUNetTrainerGreenFP32, with final
 validation Dice within 0.01. A few epochs say little about Dice: the Dice check of a short run is a smoke check.
 
-Default run (about 9 minutes on one GPU, all included):
+Default run (bounded by --max-minutes 9, preparation included, so it fits one 10-minute device call):
   python benchmarks/gpu_training.py -o bench_out/gpu_training
 Without CUDA the script stops (exit 2). `--allow-cpu` runs the same code path on the CPU, for testing the script:
   python benchmarks/gpu_training.py --allow-cpu --trainers nnUNetTrainerGreenFP32 nnUNetTrainerGreenAMP8bit \\

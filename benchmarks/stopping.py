@@ -13,7 +13,7 @@ Seed: random, numpy and torch are seeded in the training process before nnU-Net 
 (the default here) augmentation runs in that process too. nnU-Net turns cudnn.benchmark on, so GPU runs are not
 bit-reproducible.
 
-Default (about an hour on a 2-core CPU; `make bench-stopping`):
+Default (sized for roughly an hour on a 2-core CPU, an estimate not yet measured; `make bench-stopping`):
   python benchmarks/stopping.py -o bench_out/stopping
 Smoke test of the script (a couple of minutes; patience 1 with min_delta 1.0 forces a stop):
   python benchmarks/stopping.py --n-train 6 --n-test 2 --epochs 3 --iters 2 --val-iters 1 --patience 1 \\
@@ -184,6 +184,9 @@ def markdown(result: dict) -> str:
                      f"({r['energy_source']}) | {_f(r['process_cpu_s'])} | {_f(r['validation_dice'], '.4f')} | "
                      f"{_f(r.get('held_out_dice'), '.4f')} |")
     sv = c["savings"]
+    lines += ["", "Training s: the epochs (nnU-Net's loop); energy: the epochs plus nnU-Net's final validation (both from "
+              "green_summary.json); process CPU s: the whole `nnUNetv2_train` run, start-up and final validation "
+              "included. Those fixed costs are the same in both runs, so short runs understate the saving."]
     lines += ["", f"Saving: training time {_f(None if sv['train_time'] is None else 100 * sv['train_time'])} %, "
               f"{c['cost_measure']} {_f(None if sv['energy_or_cpu_time'] is None else 100 * sv['energy_or_cpu_time'])} %.",
               "", f"Target (issue #13): Dice within {DICE_TOLERANCE:g} with >= {MIN_SAVING:.0%} less training time "
