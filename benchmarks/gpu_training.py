@@ -227,7 +227,7 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              f"Setting: MSD Hippocampus, first {s['n_train']} cases, 3d_fullres fold {s['fold']}, {s['epochs']} "
              f"epochs x {s['iters']} iterations ({s['val_iters']} validation iterations), fresh run per trainer "
-             f"through `nnUNetv2_train -device {result['device']}`. Energy: training epochs only (final validation "
+             f"through `nnUNetv2_train -device {result['device']}` (torch.compile off: nnUNet_compile=f). Energy: training epochs only (final validation "
              f"apart). Data prepared in {result['prepare']['seconds']} s.", "",
              "| trainer | status | peak alloc MB | peak reserved MB | mean epoch s | data wait s (share) | energy J "
              "(source) | val Dice | mem x | time x | energy x | ΔDice |", "|" + "---|" * 12]
