@@ -227,8 +227,9 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              f"Setting: MSD Hippocampus, first {s['n_train']} cases, 3d_fullres fold {s['fold']}, {s['epochs']} "
              f"epochs x {s['iters']} iterations ({s['val_iters']} validation iterations), fresh run per trainer "
-             f"through `nnUNetv2_train -device {result['device']}` (torch.compile off: nnUNet_compile=f). Energy: training epochs only (final validation "
-             f"apart). Data prepared in {result['prepare']['seconds']} s.", "",
+             f"through `nnUNetv2_train -device {result['device']}` (torch.compile off: nnUNet_compile=f). "
+             f"Energy: training epochs only (final validation apart). Data prepared in "
+             f"{result['prepare']['seconds']} s.", "",
              "| trainer | status | peak alloc MB | peak reserved MB | mean epoch s | data wait s (share) | energy J "
              "(source) | val Dice | mem x | time x | energy x | ΔDice |", "|" + "---|" * 12]
     for r in result["trainers"]:
@@ -238,8 +239,9 @@ def markdown(result: dict) -> str:
         q = r["ratio_to_fp32"]
         share = "" if r["data_wait_fraction"] is None else f" ({r['data_wait_fraction']:.0%})"
         lines.append(
-            f"| {r['trainer']} | ok | {_f(r['gpu_mem_alloc_peak_mb'], '.0f')} | {_f(r['gpu_mem_reserved_peak_mb'], '.0f')}"
-            f" | {_f(r['mean_epoch_s'])} | {_f(r['data_wait_s'])}{share} | {_f(r['train_energy_j'], '.0f')} "
+            f"| {r['trainer']} | ok | {_f(r['gpu_mem_alloc_peak_mb'], '.0f')} | "
+            f"{_f(r['gpu_mem_reserved_peak_mb'], '.0f')} | {_f(r['mean_epoch_s'])} | {_f(r['data_wait_s'])}{share} | "
+            f"{_f(r['train_energy_j'], '.0f')} "
             f"({r['energy_source']}) | {_f(r['validation_dice'], '.4f')} | {_f(q['gpu_mem_alloc_peak_mb'])} | "
             f"{_f(q['mean_epoch_s'])} | {_f(q['train_energy_j'])} | {_f(r['dice_minus_fp32'], '+.4f')} |")
     lines += ["", f"Targets for {TARGET_TRAINER} against {BASELINE_TRAINER}:", ""]

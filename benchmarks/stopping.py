@@ -176,7 +176,8 @@ def markdown(result: dict) -> str:
              f"epochs x {s['iters']} iterations ({s['val_iters']} validation iterations), seed {s['seed']}, "
              f"nnUNet_n_proc_DA={s['n_proc_DA']}. Early run: nnUNet_green_patience={s['patience']}, "
              f"nnUNet_green_min_delta={s['min_delta']:g}. Cost measure: {c['cost_measure']}.", "",
-             "| run | stop (last epoch, 0-based) | epochs | training s | energy J (source) | process CPU s | val Dice | held-out Dice |",
+             "| run | stop (last epoch, 0-based) | epochs | training s | energy J (source) | process CPU s | "
+             "val Dice | held-out Dice |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['run']} | {r['stop_reason']} (epoch {r['stop_epoch']}) | {r['epochs_trained']}/"
@@ -184,11 +185,12 @@ def markdown(result: dict) -> str:
                      f"({r['energy_source']}) | {_f(r['process_cpu_s'])} | {_f(r['validation_dice'], '.4f')} | "
                      f"{_f(r.get('held_out_dice'), '.4f')} |")
     sv = c["savings"]
-    lines += ["", "Training s: the epochs (nnU-Net's loop); energy: the epochs plus nnU-Net's final validation (both from "
-              "green_summary.json); process CPU s: the whole `nnUNetv2_train` run, start-up and final validation "
-              "included. Those fixed costs are the same in both runs, so short runs understate the saving."]
-    lines += ["", f"Saving: training time {_f(None if sv['train_time'] is None else 100 * sv['train_time'])} %, "
-              f"{c['cost_measure']} {_f(None if sv['energy_or_cpu_time'] is None else 100 * sv['energy_or_cpu_time'])} %.",
+    pct = {k: None if v is None else 100 * v for k, v in sv.items()}
+    lines += ["", "Training s: the epochs (nnU-Net's loop); energy: the epochs plus nnU-Net's final validation "
+              "(both from green_summary.json); process CPU s: the whole `nnUNetv2_train` run, start-up and final "
+              "validation included. Those fixed costs are the same in both runs, so short runs understate the saving."]
+    lines += ["", f"Saving: training time {_f(pct['train_time'])} %, {c['cost_measure']} "
+              f"{_f(pct['energy_or_cpu_time'])} %.",
               "", f"Target (issue #13): Dice within {DICE_TOLERANCE:g} with >= {MIN_SAVING:.0%} less training time "
               f"and energy: **{c['verdict']}**", ""]
     lines += [f"- {k['target']}: **{k['result']}**" + ("" if k["value"] is None else f" ({k['value']:+.4f})")
