@@ -87,13 +87,15 @@ def prepare(data: Path, work: Path, n_train: int, procs: int) -> dict:
 
     env = nnunet_env(work)
     t0 = time.perf_counter()
-    if not (work / "preprocessed" / DATASET_NAME / "nnUNetPlans.json").is_file():
+    reused = (work / "preprocessed" / DATASET_NAME / "nnUNetPlans.json").is_file()
+    if not reused:
         task = msd_subset(data, work / "msd", n_train, 0)
         if not (work / "raw" / DATASET_NAME / "dataset.json").is_file():
             run_tool(["nnUNetv2_convert_MSD_dataset", "-i", task, "-np", procs], env)
         run_tool(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", procs, "-np", procs],
                  env)
-    return {"seconds": round(time.perf_counter() - t0, 1), "n_train": n_train}
+    # reused = planned by an earlier run in the same --work (its case count, not necessarily this --n-train)
+    return {"seconds": round(time.perf_counter() - t0, 1), "n_train": n_train, "reused": reused}
 
 
 def read_log(path: Path) -> list[dict]:
@@ -229,7 +231,8 @@ def markdown(result: dict) -> str:
              f"epochs x {s['iters']} iterations ({s['val_iters']} validation iterations), fresh run per trainer "
              f"through `nnUNetv2_train -device {result['device']}` (torch.compile off: nnUNet_compile=f). "
              f"Energy: training epochs only (final validation apart). Data prepared in "
-             f"{result['prepare']['seconds']} s.", "",
+             f"{result['prepare']['seconds']} s" + (" (reused from an earlier run in the same --work)"
+                                                    if result["prepare"].get("reused") else "") + ".", "",
              "| trainer | status | peak alloc MB | peak reserved MB | mean epoch s | data wait s (share) | energy J "
              "(source) | val Dice | mem x | time x | energy x | ΔDice |", "|" + "---|" * 12]
     for r in result["trainers"]:
