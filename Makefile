@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NNUNET_GREEN_DATA ?= $(abspath ../shared/data)
 export NNUNET_GREEN_DATA
 
-.PHONY: install test bench bench-recovery demo clean
+.PHONY: install test bench bench-recovery bench-gpu-training bench-stopping demo clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,16 @@ bench-recovery: install
 	    --ratios 0.05 0.12 0.25 0.5 --modes uniform budgeted-macs --distill-ratios --finetune-ratios -o bench_out/recovery_macs
 	$(PY) benchmarks/recovery_totalsegmentator.py --fit-steps 400 --fit-minutes 30 \
 	    --distill-steps 300 --distill-minutes 10 -o bench_out
+
+# Green trainers on one GPU (docs/benchmarks.md): 6 trainers x 2 epochs x 25 iterations on Hippocampus + the loader
+# table, bounded by --max-minutes (default 9, one 10-minute device call); exits 2 without CUDA.
+bench-gpu-training: install
+	$(PY) benchmarks/gpu_training.py -o bench_out/gpu_training
+
+# Full schedule vs plateau stop, same seed (docs/benchmarks.md): sized for roughly an hour on a 2-core CPU (an
+# estimate: not yet run at this size).
+bench-stopping: install
+	$(PY) benchmarks/stopping.py -o bench_out/stopping
 
 demo: install
 	$(PY) -m nnunet_green.demo --out demo_out $(if $(DATA),--data $(DATA),)

@@ -1,0 +1,258 @@
+"""Energy-aware stopping evidence: the same training twice, the full schedule and with a plateau stop.
+
+On the first --n-train labelled cases of MSD Hippocampus (converted and planned once with the real nnU-Net CLIs
+into --work; the next --n-test labelled cases held out), nnU-Net's training entry point (what `nnUNetv2_train`
+runs) trains the same trainer, fold and seed twice: once for the whole schedule, once with
+nnUNet_green_patience / nnUNet_green_min_delta. For each run it reports nnU-Net's final validation Dice
+(validation/summary.json, via green_summary.json), Dice of `nnUNetv2_predict_from_modelfolder` on the held-out
+labelled cases (unless --no-predict), training time, energy where a counter is readable (else the CPU time of the
+training process tree, labelled as such), the stop epoch and reason, and the saving in %. Pass/fail against issue
+#13's target: Dice within 0.01 of the full schedule with >= 40 % less training time and energy (or CPU time).
+
+Seed: random, numpy and torch are seeded in the training process before nnU-Net starts; with nnUNet_n_proc_DA=0
+(the default here) augmentation runs in that process too. nnU-Net turns cudnn.benchmark on, so GPU runs are not
+bit-reproducible.
+
+Default (sized for roughly an hour on a 2-core CPU, an estimate not yet measured; `make bench-stopping`):
+  python benchmarks/stopping.py -o bench_out/stopping
+Smoke test of the script (a couple of minutes; patience 1 with min_delta 1.0 forces a stop):
+  python benchmarks/stopping.py --n-train 6 --n-test 2 --epochs 3 --iters 2 --val-iters 1 --patience 1 \\
+      --min-delta 1.0 -o /tmp/stopping_smoke
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nnunet_green.contract import (BASELINE_TRAINER, DATASET_FILE, GREEN_SUMMARY_FILE, TrainingSummary, env_name,
+                                   write_json_atomic)
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
+DICE_TOLERANCE = 0.01
+MIN_SAVING = 0.40
+# nnU-Net's own training entry point, seeded first (the console script nnUNetv2_train runs the same function).
+SEEDED_TRAIN = """\
+import random, sys
+import numpy as np, torch
+seed = int(sys.argv[1])
+random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+sys.argv = ["nnUNetv2_train", *sys.argv[2:]]
+from nnunetv2.run.run_training import run_training_entry
+sys.exit(run_training_entry())
+"""
+
+
+def default_data() -> Path:
+    root = os.environ.get("NNUNET_GREEN_DATA") or str(REPO.parent / "shared" / "data")
+    return Path(root) / "Task04_Hippocampus"
+
+
+def prepare(data: Path, work: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """Convert and plan once (reused); returns (held-out images, their labels)."""
+    from nnunet_green.demo.data import msd_subset
+    from nnunet_green.evaluation.experiment import nnunet_env, run_tool
+
+    env = nnunet_env(work)
+    task = msd_subset(data, work / "msd", n_train, n_test)
+    if not (work / "raw" / DATASET_NAME / DATASET_FILE).is_file():
+        run_tool(["nnUNetv2_convert_MSD_dataset", "-i", task, "-np", 1], env)
+    if not (work / "preprocessed" / DATASET_NAME / "nnUNetPlans.json").is_file():
+        run_tool(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", 1, "-np", 1], env)
+    return work / "raw" / DATASET_NAME / "imagesTs", task / "labelsTs"
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def train(name: str, args, work: Path, stop_env: dict) -> dict:
+    """One seeded training run (fresh), moved to work/runs/NAME; what it cost and how it ended."""
+    from nnunet_green.evaluation.experiment import nnunet_env
+
+    trained = work / "results" / DATASET_NAME / f"{args.trainer}__nnUNetPlans__3d_fullres"
+    target = work / "runs" / name
+    for folder in (trained, target):
+        if folder.exists():
+            shutil.rmtree(folder)
+    env = nnunet_env(work, nnUNet_n_proc_DA=args.n_proc_da, **{
+        env_name("epochs"): args.epochs, env_name("iters"): args.iters, env_name("val_iters"): args.val_iters,
+        **stop_env})
+    for var in ("patience", "min_delta", "budget_kwh", "budget_hours"):
+        if env_name(var) not in stop_env:
+            env.pop(env_name(var), None)  # the full run must not inherit a policy from the caller's shell
+    cmd = [sys.executable, "-c", SEEDED_TRAIN, str(args.seed), str(DATASET_ID), "3d_fullres", args.fold,
+           "-tr", args.trainer, "-device", args.device]
+    print(f"+ [{name}] nnUNetv2_train {' '.join(cmd[4:])}  "
+          f"({' '.join(f'{k}={v}' for k, v in stop_env.items()) or 'full schedule'})", file=sys.stderr, flush=True)
+    cpu0, t0 = _children_cpu_s(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
+    if proc.returncode != 0:
+        sys.exit(f"[{name}] training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(trained), target)
+    summary = TrainingSummary.read(target / f"fold_{args.fold}" / GREEN_SUMMARY_FILE)
+    t, extra = summary.totals, summary.extra
+    stopping = extra.get("stopping") or {}
+    return {
+        "run": name, "model_folder": str(target), "policy": stopping.get("policy"),
+        "stop_reason": stopping.get("reason"), "stop_epoch": stopping.get("epoch"),
+        "epochs_trained": summary.epochs_logged, "epochs_scheduled": extra.get("num_epochs"),
+        "train_time_s": t.get("time_s"), "final_validation_s": t.get("final_validation_s"),
+        "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source"),
+        "process_wall_s": round(wall, 1), "process_cpu_s": round(cpu, 1),
+        "validation_dice": (extra.get("dice") or {}).get("validation_mean_fg_dice"),
+        "ema_pseudo_dice_best": (extra.get("dice") or {}).get("ema_pseudo_dice_best"),
+    }
+
+
+def held_out_dice(run: dict, images: Path, labels: Path, args) -> None:
+    from nnunet_green.evaluation.bench import image_cases, predict
+    from nnunet_green.evaluation.dice import dice_tables, foreground_labels, summarize
+    from nnunet_green.contract import read_json
+
+    folder = Path(run["model_folder"])
+    out = folder.parent / f"{run['run']}_predictions"
+    wall = predict(images, out, folder, args.fold, "checkpoint_final.pth", args.device, 1, 1, disable_tta=True)
+    cases = [c + ".nii.gz" for c in image_cases(images, ".nii.gz")]
+    labels_fg = foreground_labels(read_json(folder / DATASET_FILE, DATASET_FILE))
+    mean, per_label = summarize(dice_tables(out, labels, cases, labels_fg))
+    run.update(held_out_dice=mean, held_out_dice_per_label=per_label, held_out_cases=len(cases),
+               predict_s=round(wall, 1))
+
+
+def _saving(full, early):
+    return None if full in (None, 0) or early is None else 1 - early / full
+
+
+def compare(full: dict, early: dict) -> dict:
+    energy_measured = all(r["energy_j"] is not None and r["energy_source"] not in (None, "unavailable")
+                          for r in (full, early))
+    if energy_measured:
+        measure, key = f"energy ({full['energy_source']})", "energy_j"
+    else:
+        measure, key = "CPU time of the training process tree (energy unavailable)", "process_cpu_s"
+    savings = {"train_time": _saving(full["train_time_s"], early["train_time_s"]),
+               "energy_or_cpu_time": _saving(full[key], early[key])}
+    checks = []
+    for what, k in (("final validation Dice", "validation_dice"), ("held-out Dice", "held_out_dice")):
+        if full.get(k) is None or early.get(k) is None:
+            if k == "validation_dice" or "held_out_dice" in full:
+                checks.append({"target": f"{what} within {DICE_TOLERANCE:g} of the full schedule", "value": None,
+                               "result": "not measured"})
+            continue
+        diff = early[k] - full[k]
+        checks.append({"target": f"{what} within {DICE_TOLERANCE:g} of the full schedule", "value": diff,
+                       "result": "pass" if diff >= -DICE_TOLERANCE else "fail"})
+    for what, v in (("training time", savings["train_time"]), (measure, savings["energy_or_cpu_time"])):
+        checks.append({"target": f"{what} >= {MIN_SAVING:.0%} less", "value": v,
+                       "result": "not measured" if v is None else ("pass" if v >= MIN_SAVING else "fail")})
+    verdict = "pass" if all(c["result"] == "pass" for c in checks) else \
+        ("fail" if any(c["result"] == "fail" for c in checks) else "not measured")
+    return {"cost_measure": measure, "cost_key": key, "savings": savings, "checks": checks, "verdict": verdict}
+
+
+def _f(v, spec=".1f"):
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(result: dict) -> str:
+    s, c, m = result["settings"], result["comparison"], result["machine"]
+    lines = ["# Energy-aware stopping: full schedule vs plateau stop", "",
+             f"Measured {result['created']} on {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPU cores, device "
+             f"{s['device']}), torch {m['torch']}, nnU-Net {m['nnunetv2']}.", "",
+             f"Command: `{result['command']}`", "",
+             f"Setting: MSD Hippocampus, {s['n_train']} training cases (fold {s['fold']} of nnU-Net's 5-fold split "
+             f"for the final validation) + {s['n_test']} held-out labelled cases, {s['trainer']}, {s['epochs']} "
+             f"epochs x {s['iters']} iterations ({s['val_iters']} validation iterations), seed {s['seed']}, "
+             f"nnUNet_n_proc_DA={s['n_proc_DA']}. Early run: nnUNet_green_patience={s['patience']}, "
+             f"nnUNet_green_min_delta={s['min_delta']:g}. Cost measure: {c['cost_measure']}.", "",
+             "| run | stop (last epoch, 0-based) | epochs | training s | energy J (source) | process CPU s | "
+             "val Dice | held-out Dice |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['run']} | {r['stop_reason']} (epoch {r['stop_epoch']}) | {r['epochs_trained']}/"
+                     f"{r['epochs_scheduled']} | {_f(r['train_time_s'])} | {_f(r['energy_j'], '.0f')} "
+                     f"({r['energy_source']}) | {_f(r['process_cpu_s'])} | {_f(r['validation_dice'], '.4f')} | "
+                     f"{_f(r.get('held_out_dice'), '.4f')} |")
+    sv = c["savings"]
+    pct = {k: None if v is None else 100 * v for k, v in sv.items()}
+    lines += ["", "Training s: the epochs (nnU-Net's loop); energy: the epochs plus nnU-Net's final validation "
+              "(both from green_summary.json); process CPU s: the whole `nnUNetv2_train` run, start-up and final "
+              "validation included. Those fixed costs are the same in both runs, so short runs understate the saving."]
+    lines += ["", f"Saving: training time {_f(pct['train_time'])} %, {c['cost_measure']} "
+              f"{_f(pct['energy_or_cpu_time'])} %.",
+              "", f"Target (issue #13): Dice within {DICE_TOLERANCE:g} with >= {MIN_SAVING:.0%} less training time "
+              f"and energy: **{c['verdict']}**", ""]
+    lines += [f"- {k['target']}: **{k['result']}**" + ("" if k["value"] is None else f" ({k['value']:+.4f})")
+              for k in c["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="MSD Task04_Hippocampus folder "
+                   "(default $NNUNET_GREEN_DATA/Task04_Hippocampus, else ../shared/data/Task04_Hippocampus)")
+    p.add_argument("--work", type=Path, default=REPO / "work" / "stopping", help="nnU-Net folders and both runs")
+    p.add_argument("--n-train", type=int, default=20)
+    p.add_argument("--n-test", type=int, default=10, help="held-out labelled cases (Dice of the stock predictor)")
+    p.add_argument("--trainer", default=BASELINE_TRAINER)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--val-iters", type=int, default=5)
+    p.add_argument("--patience", type=int, default=5, help="nnUNet_green_patience of the early run")
+    p.add_argument("--min-delta", type=float, default=0.005, help="nnUNet_green_min_delta of the early run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-f", "--fold", default="0")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--n-proc-da", default="0", help="nnUNet_n_proc_DA (default 0: augmentation in the seeded "
+                   "process)")
+    p.add_argument("--no-predict", action="store_true", help="skip the held-out prediction")
+    p.add_argument("-o", "--output", type=Path, default=REPO / "bench_out" / "stopping")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+
+    from nnunet_green.evaluation.machine import machine_info
+
+    data = (args.data or default_data()).absolute()
+    if not (data / DATASET_FILE).is_file():
+        p.error(f"MSD Task04_Hippocampus not found at {data} (set --data or NNUNET_GREEN_DATA)")
+    if args.patience < 1 or args.min_delta < 0 or args.epochs < 2:
+        p.error("--patience must be >= 1, --min-delta >= 0 and --epochs >= 2")
+    work = args.work.absolute()
+    images, labels = prepare(data, work, args.n_train, args.n_test)
+    runs = [train("full", args, work, {}),
+            train("early", args, work, {env_name("patience"): args.patience, env_name("min_delta"): args.min_delta})]
+    if not args.no_predict and args.n_test > 0:
+        for run in runs:
+            held_out_dice(run, images, labels, args)
+    result = {
+        "benchmark": "stopping", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        "machine": machine_info(args.device),
+        "settings": {"n_train": args.n_train, "n_test": args.n_test, "trainer": args.trainer, "epochs": args.epochs,
+                     "iters": args.iters, "val_iters": args.val_iters, "patience": args.patience,
+                     "min_delta": args.min_delta, "seed": args.seed, "fold": args.fold, "device": args.device,
+                     "n_proc_DA": args.n_proc_da, "data": str(data)},
+        "runs": runs, "comparison": compare(*runs), "elapsed_s": round(time.perf_counter() - start, 1),
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.output / "stopping.json", result)
+    md = markdown(result)
+    (args.output / "stopping.md").write_text(md)
+    print(md)
+    print(f"wrote {args.output / 'stopping.json'} and stopping.md ({result['elapsed_s']} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
