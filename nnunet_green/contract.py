@@ -371,6 +371,8 @@ class BenchResult(_Record):
 RECOVERY_DISTILLED = "distilled"
 RECOVERY_FINETUNED = "fine-tuned"
 
+DEFAULT_PLANS = "nnUNetPlans"  # nnU-Net's default plans identifier (`-p`)
+
 # --- light plans and loader tuning (nnunet-green-plan, nnunet-green-loader) ----------------------------------------
 LIGHT_PLANS = "nnUNetPlansGreenLight"        # plans identifier written by nnunet-green-plan
 LIGHT_PLANNER = "nnUNetPlannerGreenLight"    # its planner class (nnunet_green.training.light_plans)

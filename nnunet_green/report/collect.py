@@ -15,12 +15,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_green.contract import (BASELINE_TRAINER, BENCH_FILE, BENCH_FORMAT, GREEN_LOG_FILE, GREEN_SUMMARY_FILE,
-                                   LATER_LOG_COLUMNS, LOG_COLUMNS, MANIFEST_FILE, BenchResult, CompressionManifest,
-                                   GreenError, SchemaError, TrainingSummary)
+from nnunet_green.contract import (BASELINE_TRAINER, BENCH_FILE, BENCH_FORMAT, DEFAULT_PLANS, GREEN_LOG_FILE,
+                                   GREEN_SUMMARY_FILE, LATER_LOG_COLUMNS, LOG_COLUMNS, MANIFEST_FILE, BenchResult,
+                                   CompressionManifest, GreenError, SchemaError, TrainingSummary)
 
 FOLD_DIR = re.compile(r"fold_(\d+|all)$")
-DEFAULT_PLANS = "nnUNetPlans"  # nnU-Net's default plans identifier (`-p`); other plans are named in the setting
 # Folders that never hold inputs but can be large (nnU-Net predictions, caches).
 _PRUNE = {"__pycache__", "predictions", "validation", ".git"}
 _TEXT_COLUMNS = {"energy_source"}  # green_log.csv columns that are not numbers

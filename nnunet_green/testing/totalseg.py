@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from nnunet_green.contract import DATASET_FILE, DEFAULT_CHECKPOINT, PLANS_FILE
+from nnunet_green.contract import DATASET_FILE, DEFAULT_CHECKPOINT, DEFAULT_PLANS, PLANS_FILE
 
 TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
@@ -37,7 +37,7 @@ def ts_old_format_plans(base_features=8, max_features=32, n_stages=3, patch=(32,
         "batch_dice": False,
     }
     return {
-        "dataset_name": TASK_FOLDER, "plans_name": "nnUNetPlans",
+        "dataset_name": TASK_FOLDER, "plans_name": DEFAULT_PLANS,
         "original_median_spacing_after_transp": [3.0, 3.0, 3.0],
         "original_median_shape_after_transp": [160, 119, 119], "image_reader_writer": "NibabelIOWithReorient",
         "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],

@@ -30,9 +30,9 @@ from typing import Iterable, List, Tuple, Union
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from nnunet_green.contract import LIGHT_PLANS, GreenError
+from nnunet_green.contract import DEFAULT_PLANS, LIGHT_PLANS, GreenError
 
-REFERENCE_PLANS = "nnUNetPlans"
+REFERENCE_PLANS = DEFAULT_PLANS
 PLANNER_KEY = "nnunet_green_planner"  # top-level plans key: provenance of the light widths
 # per-configuration keys that decide what nnU-Net's DefaultPreprocessor writes
 _DATA_KEYS = ("preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nnunet_green.contract import DATASET_FILE, LOADER_FILE, LOADER_FORMAT, LOADER_REPORT, GreenError, write_json_atomic
+from nnunet_green.contract import (DATASET_FILE, DEFAULT_PLANS, LOADER_FILE, LOADER_FORMAT, LOADER_REPORT, GreenError,
+                                   write_json_atomic)
 
 N_PROC_ENV = "nnUNet_n_proc_DA"
 DEFAULT_HEADROOM = 1.25  # a loader "keeps up" if it delivers this many times the batches the step consumes
@@ -305,7 +306,7 @@ def decide(rows: list[LoaderRow], step: StepTiming, headroom: float = DEFAULT_HE
     return True, best.n_proc_DA, text
 
 
-def run(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans", trainer: str = "nnUNetTrainer",
+def run(dataset: str, configuration: str = "3d_fullres", plans: str = DEFAULT_PLANS, trainer: str = "nnUNetTrainer",
         procs=(0, 1, 2), batches: int = 10, steps: int = 3, max_seconds: float = 120.0, device: str | None = None,
         fold: int = 0, headroom: float = DEFAULT_HEADROOM, progress: bool = True) -> tuple[LoaderReport, object]:
     """Measure every value in `procs` and the training step within `max_seconds` (plus the trainer's set-up, which

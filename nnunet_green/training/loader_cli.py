@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from nnunet_green.contract import EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK, GreenError
+from nnunet_green.contract import DEFAULT_PLANS, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK, GreenError
 
 PROG = "nnunet-green-loader"
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "recommend a value.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", required=True, metavar="DATASET", help="dataset id or name (DatasetXXX_Name)")
     p.add_argument("-c", default="3d_fullres", metavar="CONFIGURATION", help="configuration (default 3d_fullres)")
-    p.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-p", default=DEFAULT_PLANS, metavar="PLANS", help=f"plans identifier (default {DEFAULT_PLANS})")
     p.add_argument("-tr", default="nnUNetTrainer", metavar="TRAINER",
                    help="trainer class whose loader and step are measured (default nnUNetTrainer)")
     p.add_argument("-f", "--fold", type=int, default=0, help="fold whose training split is loaded (default 0)")
