@@ -15,7 +15,8 @@ from nnunet_green.demo.run import MARKER, Demo, parse_args
 from conftest import HIPPOCAMPUS, requires
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TRAINERS = ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreen8bit", "nnUNetTrainerGreen8bitAdamW"]
+TRAINERS = ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreen8bit"]
+LIGHT = "nnUNetTrainerGreenFP32 (nnUNetPlansGreenLight)"  # the baseline again, on the lighter planned network
 
 
 def cpu_energy_source() -> str:
@@ -42,7 +43,8 @@ def test_reduced_demo_end_to_end(tmp_path):
     report = json.loads((out / "report" / "report.json").read_text())
     has_counter = cpu_energy_source() != ENERGY_UNAVAILABLE
     rows = {row["setting"]: row for row in report["training"]["rows"]}
-    assert sorted(rows) == sorted(TRAINERS)
+    assert sorted(rows) == sorted(TRAINERS + [LIGHT])
+    assert rows[LIGHT]["parameters"] < 0.5 * rows["nnUNetTrainerGreenFP32"]["parameters"]
     for row in rows.values():
         assert 0 <= row["dice"] <= 1 and row["time_s"] > 0 and row["parameters"] > 1e5
         if has_counter:  # RAPL readable (or an estimate configured): a real number, never 0 for "missing"
@@ -60,7 +62,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert compressed["latency_s"] > 0 and dense["latency_s"] > 0
 
     markdown = (out / "report" / "report.md").read_text()
-    for trainer in TRAINERS:
+    for trainer in TRAINERS + [LIGHT]:
         assert f"| {trainer} |" in markdown
     dice_cell = re.search(r"\| nnUNetTrainerGreenFP32 \|(?:[^|]*\|){4} ([0-9.]+)", markdown).group(1)
     assert float(dice_cell) == pytest.approx(rows["nnUNetTrainerGreenFP32"]["dice"], abs=1e-4)
@@ -74,6 +76,8 @@ def test_reduced_demo_end_to_end(tmp_path):
 
     demo = json.loads((out / "demo.json").read_text())
     assert demo["trainers"] == TRAINERS and demo["total_s"] > 0
+    assert demo["runs"] == [[TRAINERS[0], "nnUNetPlans"], [TRAINERS[0], "nnUNetPlansGreenLight"],
+                            [TRAINERS[1], "nnUNetPlans"]]
     assert (out / MARKER).is_file()
 
 

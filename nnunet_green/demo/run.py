@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 from nnunet_green.demo.data import msd_subset, synthetic_msd_task
-from nnunet_green.contract import BENCH_FILE, DATASET_FILE
+from nnunet_green.contract import BENCH_FILE, DATASET_FILE, DEFAULT_PLANS, LIGHT_PLANS
 
 MARKER = ".nnunet-green-demo"
-# On a CPU the precision part of a setting is a GPU feature (it falls back to fp32), so the CPU default compares
-# the optimizers; on a GPU the study's precision settings.
-CPU_TRAINERS = ("nnUNetTrainerGreenFP32", "nnUNetTrainerGreen8bit", "nnUNetTrainerGreen8bitAdamW")
+# On a CPU the precision part of a setting is a GPU feature (it falls back to fp32), so the CPU default shows the
+# levers that save there too: a lighter planned network (the baseline trainer again, on nnUNetPlansGreenLight) and
+# an 8-bit optimizer (memory); on a GPU the study's precision settings.
+CPU_TRAINERS = ("nnUNetTrainerGreenFP32", "nnUNetTrainerGreen8bit")
 GPU_TRAINERS = ("nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP8bit", "nnUNetTrainerGreenHalf8bit")
 # Lines of nnU-Net's training output worth showing live; everything goes to the step's log file.
 SHOWN = re.compile(r"^\S+ \S+: (Epoch \d+|Epoch time|Pseudo dice|Mean Validation Dice|nnunet-green:)")
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trainers", nargs="+", default=None,
                    help=f"trainers to compare, first is the baseline (default on CPU: {' '.join(CPU_TRAINERS)}; "
                         f"on GPU: {' '.join(GPU_TRAINERS)})")
+    p.add_argument("--no-light-plans", dest="light_plans", action="store_false",
+                   help=f"skip the extra run of the first trainer on the lighter planned network ({LIGHT_PLANS})")
     p.add_argument("--rank-ratio", type=float, default=0.12, help="Tucker rank ratio for the compressed model")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     args = p.parse_args(argv)
@@ -158,21 +161,35 @@ class Demo:
         return dataset_id, f"Dataset{dataset_id:03d}_{match.group(2)}", task / "labelsTs"
 
     def plan(self, dataset_id: int):
-        self.step("nnUNetv2_plan_and_preprocess")
+        self.step("nnUNetv2_plan_and_preprocess" + (" + nnunet-green-plan" if self.args.light_plans else ""))
         self.run("plan_and_preprocess", "nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres",
                  "-npfp", 1, "-np", 2)
+        if self.args.light_plans:  # shares nnUNetPlans' preprocessed data: nothing to preprocess again
+            self.run("plan_light", "nnunet-green-plan", "-d", dataset_id, "-c", "3d_fullres")
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(trainer, plans) of every training run; the first is the baseline that gets compressed."""
+        runs = [(trainer, DEFAULT_PLANS) for trainer in self.trainers]
+        if self.args.light_plans:
+            runs.insert(1, (self.trainers[0], LIGHT_PLANS))
+        return runs
 
     def train(self, dataset_id: int, dataset_name: str) -> list[Path]:
-        self.step(f"nnUNetv2_train: {', '.join(self.trainers)} "
+        runs = self.runs()
+        names = [t if p == DEFAULT_PLANS else f"{t} -p {p}" for t, p in runs]
+        self.step(f"nnUNetv2_train: {', '.join(names)} "
                   f"({self.args.epochs} epochs x {self.args.iters} iterations, {self.device})")
+        if self.device == "cpu":
+            print("    on a CPU, precision settings (AMP, bf16, half weights) are GPU features and run as fp32; the "
+                  "levers that save here are the lighter network and, for memory, the 8-bit optimizer state")
         env = self.env(nnUNet_green_epochs=self.args.epochs, nnUNet_green_iters=self.args.iters,
                        nnUNet_green_val_iters=self.args.val_iters)
         folders = []
-        for trainer in self.trainers:
-            print(f"    {trainer}", flush=True)
-            self.run(f"train_{trainer}", "nnUNetv2_train", dataset_id, "3d_fullres", 0, "-tr", trainer,
-                     "-device", self.device, env=env, show=SHOWN)
-            folders.append(self.results / dataset_name / f"{trainer}__nnUNetPlans__3d_fullres")
+        for (trainer, plans), name in zip(runs, names):
+            print(f"    {name}", flush=True)
+            self.run(f"train_{trainer}_{plans}", "nnUNetv2_train", dataset_id, "3d_fullres", 0, "-tr", trainer,
+                     "-p", plans, "-device", self.device, env=env, show=SHOWN)
+            folders.append(self.results / dataset_name / f"{trainer}__{plans}__3d_fullres")
         return folders
 
     def compress(self, dense: Path) -> Path:
@@ -222,7 +239,8 @@ class Demo:
         total = time.perf_counter() - t0
         (self.out / "demo.json").write_text(json.dumps({
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()},
-            "device": self.device, "trainers": list(self.trainers), "timings_s": self.timings, "total_s": total,
+            "device": self.device, "trainers": list(self.trainers), "runs": [list(r) for r in self.runs()],
+            "timings_s": self.timings, "total_s": total,
         }, indent=2))
         _print_outcome(bench)
         print(f"\nDemo finished in {total / 60:.1f} min. Report: {report / 'report.html'} (and report.md)")
