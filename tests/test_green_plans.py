@@ -133,8 +133,8 @@ def test_light_network_is_cheaper(hippocampus, light_plans):
 
 def test_preprocess_train_predict_with_light_plans(hippocampus, light_plans, tmp_path):
     env = hippocampus.env()
-    # the stock preprocessing path with our plans (here it rewrites the shared nnUNetPlans_3d_fullres, identically)
-    run_cli("nnUNetv2_preprocess", "-d", DATASET_ID, "-plans_name", LIGHT, "-c", "3d_fullres", "-np", 1, env=env)
+    # the light plans share nnUNetPlans' preprocessed data (checked in test_light_plans_keep_topology_and_share_data),
+    # so, as docs/light_plans.md says, training starts without another nnUNetv2_preprocess
     run_cli("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-p", LIGHT, "-device", "cpu",
             env=hippocampus.env(nnUNet_green_epochs=1, nnUNet_green_iters=2, nnUNet_green_val_iters=1,
                                 nnUNet_n_proc_DA=0))

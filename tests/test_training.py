@@ -25,6 +25,12 @@ from conftest import REPO, run_cli
 # The study's settings (arXiv 2303.10181) plus bf16, and one 8-bit AdamW: every SGD class and the fp32 AdamW one.
 STUDY_SETTINGS = [c.__name__ for c in GREEN_TRAINERS
                   if c.optimizer_recipe is not ADAMW_8BIT or c.precision is FP32]
+# Through the whole stock nnUNetv2_train (log, summary, checkpoint, final validation): the fp32 baseline (the
+# session's shared model), the flagship AMP + 8-bit SGD (precision falls back on CPU) and 8-bit AdamW. The other
+# study settings run the same hooks with other class attributes; they are built by nnU-Net's own
+# get_trainer_from_args and take real training steps in test_each_study_setting_trains_in_process.
+CLI_SETTINGS = ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP8bit", "nnUNetTrainerGreen8bitAdamW"]
+IN_PROCESS_SETTINGS = [name for name in STUDY_SETTINGS if name not in CLI_SETTINGS]
 
 
 def test_stock_lookup_finds_every_trainer_and_classes_pickle():
@@ -223,7 +229,40 @@ def _read_log(fold):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("trainer", STUDY_SETTINGS)
+def test_each_study_setting_trains_in_process(hippocampus):
+    # Each trainer not run through the CLI: built as nnUNetv2_train builds it, its optimizer and CPU precision as
+    # declared, and real training steps on a real batch move its weights with a finite loss.
+    assert IN_PROCESS_SETTINGS == ["nnUNetTrainerGreenAMP", "nnUNetTrainerGreenBF16", "nnUNetTrainerGreen8bit",
+                                   "nnUNetTrainerGreenHalf8bit"]
+    checks = {name: (type(SETTINGS[name][1].build([torch.nn.Parameter(torch.zeros(1))], 1e-2, 0.0)).__name__,
+                     SETTINGS[name][0].on(torch.device("cpu")).name) for name in IN_PROCESS_SETTINGS}
+    code = (
+        "import numpy as np, torch\n"
+        "from nnunetv2.run.run_training import get_trainer_from_args\n"
+        f"checks = {checks!r}\n"
+        "batch = None\n"
+        "for name, (optimizer, precision) in checks.items():\n"
+        "    t = get_trainer_from_args('4', '3d_fullres', 0, name, device=torch.device('cpu'))\n"
+        "    t.initialize()\n"
+        "    assert type(t.optimizer).__name__ == optimizer, (name, type(t.optimizer).__name__)\n"
+        "    assert t.active_precision.name == precision and t.grad_scaler is None, name\n"
+        "    if batch is None:\n"
+        "        loader, _ = t.get_dataloaders()\n"
+        "        batch = next(loader)\n"
+        "    before = [p.detach().clone() for p in t.network.parameters()]\n"
+        "    losses = [float(t.train_step(batch)['loss']) for _ in range(2)]\n"
+        "    moved = sum(not torch.equal(a, b) for a, b in zip(before, t.network.parameters()))\n"
+        "    assert all(np.isfinite(losses)) and moved > 0, (name, losses, moved)\n"
+        "    print('STEPPED', name, moved)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=hippocampus.env(nnUNet_n_proc_DA=0),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("STEPPED")] == \
+        IN_PROCESS_SETTINGS
+
+
+@pytest.mark.parametrize("trainer", CLI_SETTINGS)
 def test_stock_nnunetv2_train_runs_each_green_trainer(hippocampus, trainer, request):
     # The fp32 run is the session's shared trained model (same budget), not trained twice.
     fold = request.getfixturevalue("trained_fp32") if trainer == "nnUNetTrainerGreenFP32" \
