@@ -34,6 +34,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     out = tmp_path / "demo_out"
     proc = subprocess.run([sys.executable, "-m", "nnunet_green.demo", "--data", str(HIPPOCAMPUS), "--out", str(out),
                            "--n-train", "5", "--n-test", "2", "--epochs", "1", "--iters", "2", "--val-iters", "1",
+                           "--distill-steps", "2",
                            "--trainers", *TRAINERS], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for step in range(1, 7):
@@ -56,6 +57,8 @@ def test_reduced_demo_end_to_end(tmp_path):
 
     dense, compressed = report["compression"]["rows"]
     assert compressed["rank_ratio"] == 0.12 and dense["rank_ratio"] is None
+    assert compressed["rule"] == "ratio 0.12 + distilled"
+    assert compressed["recovery"]["kind"] == "distilled" and compressed["recovery"]["steps"] == 2
     assert compressed["params_removed_frac"] > 0.8 and compressed["macs_ratio"] < 0.3
     assert 0 <= compressed["agreement_dice"] <= 1
     assert 0 <= compressed["dice_vs_labels"] <= 1 and 0 <= dense["dice_vs_labels"] <= 1
