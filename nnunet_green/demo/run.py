@@ -34,7 +34,7 @@ BIN = Path(sys.executable).parent
 SYNTHETIC_RUN = {"n_train": 10, "n_test": 3, "epochs": 3, "iters": 25, "val_iters": 2}
 DATA_RUN = {"n_train": 20, "n_test": 5, "epochs": 4, "iters": 40, "val_iters": 3}
 # Wall time of the defaults on the 2-core CPU machine, printed at the start (minutes; see docs/results/).
-EXPECTED_MIN = {"synthetic": 8, "data": 14}
+EXPECTED_MIN = {"synthetic": 7, "data": 14}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
