@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from nnunet_green.contract import (BASELINE_TRAINER, EXIT_BAD_INPUT, GREEN_LOG_FILE, GREEN_SUMMARY_FILE,
-                                   TrainingSummary, env_name, write_json_atomic)
+                                   TrainingSummary, env_name)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
@@ -340,12 +340,8 @@ def main(argv=None) -> int:
         "prepare": prep, "trainers": rows, "targets": check_targets(rows), "loader": loader,
         "elapsed_s": round(time.perf_counter() - start, 1),
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.output / "gpu_training.json", result)
-    md = markdown(result)
-    (args.output / "gpu_training.md").write_text(md)
-    print(md)
-    print(f"wrote {args.output / 'gpu_training.json'} and gpu_training.md ({result['elapsed_s']} s)", file=sys.stderr)
+    from nnunet_green.evaluation.experiment import write_result
+    write_result(args.output, "gpu_training", result, markdown(result))
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from nnunet_green.contract import (FINETUNE_TRAINER, MANIFEST_FILE, RECOVERY_DISTILLED, RECOVERY_FINETUNED,
                                    GreenSettings, env_name)
-from nnunet_green.evaluation.experiment import equal_budget, training_cost
+from nnunet_green.evaluation.experiment import equal_budget, training_cost, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("uniform", "budgeted", "budgeted-macs")
@@ -183,9 +183,7 @@ def main(argv=None) -> int:
                          "n_cases_scored": ref.get("n_cases")},
                "images": str(Path(images).absolute()), "distill_images": str(Path(distill_images).absolute()),
                "variants": rows}
-    (out / "recovery.json").write_text(json.dumps(summary, indent=2))
-    (out / "recovery.md").write_text(markdown(summary))
-    print(markdown(summary))
+    write_result(out, "recovery", summary, markdown(summary))
     return 0
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_green.evaluation import dice_scores, machine_info
-from nnunet_green.evaluation.experiment import equal_budget
-from nnunet_green.nnunet_io import ModelFolder
 from nnunet_green.contract import DEFAULT_CHECKPOINT, MANIFEST_FILE
+from nnunet_green.evaluation import dice_scores, machine_info
+from nnunet_green.evaluation.experiment import equal_budget, write_result
+from nnunet_green.nnunet_io import ModelFolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,11 +216,7 @@ def main(argv=None) -> int:
               "command": " ".join(["benchmarks/recovery_totalsegmentator.py", *sys.argv[1:]]),
               "machine": machine_info("cpu"),
               "fit": fitted, "ratio": args.ratio, "budget": budget, "rows": rows}
-    out = args.output.absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recovery_totalsegmentator.json").write_text(json.dumps(result, indent=2))
-    (out / "recovery_totalsegmentator.md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.output, "recovery_totalsegmentator", result, markdown(result))
     return 0
 
 

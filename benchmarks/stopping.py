@@ -31,8 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_green.contract import (BASELINE_TRAINER, DATASET_FILE, GREEN_SUMMARY_FILE, TrainingSummary, env_name,
-                                   write_json_atomic)
+from nnunet_green.contract import BASELINE_TRAINER, DATASET_FILE, GREEN_SUMMARY_FILE, TrainingSummary, env_name
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
@@ -245,12 +244,8 @@ def main(argv=None) -> int:
                      "n_proc_DA": args.n_proc_da, "data": str(data)},
         "runs": runs, "comparison": compare(*runs), "elapsed_s": round(time.perf_counter() - start, 1),
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.output / "stopping.json", result)
-    md = markdown(result)
-    (args.output / "stopping.md").write_text(md)
-    print(md)
-    print(f"wrote {args.output / 'stopping.json'} and stopping.md ({result['elapsed_s']} s)", file=sys.stderr)
+    from nnunet_green.evaluation.experiment import write_result
+    write_result(args.output, "stopping", result, markdown(result))
     return 0
 
 

@@ -78,3 +78,15 @@ def equal_budget(manifest: dict, cost: str = "params") -> float:
     eligible = [lay for lay in manifest["layers"] if math.prod(lay["kernel_size"]) > 1
                 and min(lay["in_channels"], lay["out_channels"]) >= min_rank]
     return sum(lay[f"{cost}_after"] for lay in eligible) / sum(lay[f"{cost}_before"] for lay in eligible)
+
+
+def write_result(folder: Path, stem: str, result: dict, markdown: str) -> None:
+    """A benchmark's record: `stem.json` (written atomically) and `stem.md` in `folder`; the markdown is printed."""
+    from nnunet_green.contract import write_json_atomic
+
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{stem}.json", result)
+    (folder / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {folder / stem}.json and {stem}.md", file=sys.stderr)
