@@ -29,7 +29,8 @@ STUDY_SETTINGS = [c.__name__ for c in GREEN_TRAINERS
 # session's shared model), the flagship AMP + 8-bit SGD (precision falls back on CPU) and 8-bit AdamW. The other
 # study settings run the same hooks with other class attributes; they are built by nnU-Net's own
 # get_trainer_from_args and take real training steps in test_each_study_setting_trains_in_process.
-CLI_SETTINGS = ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP8bit", "nnUNetTrainerGreen8bitAdamW"]
+ADAMW_TRAINER = "nnUNetTrainerGreen8bitAdamW"
+CLI_SETTINGS = ["nnUNetTrainerGreenFP32", "nnUNetTrainerGreenAMP8bit", ADAMW_TRAINER]
 IN_PROCESS_SETTINGS = [name for name in STUDY_SETTINGS if name not in CLI_SETTINGS]
 
 
@@ -219,6 +220,12 @@ def test_8bit_sgd_state_is_at_most_03x_of_torch_sgd():
     assert sizes["SGD8bit"] <= 0.3 * sizes["SGD"], sizes
 
 
+@pytest.fixture(scope="module")
+def trained_8bit_adamw(hippocampus):
+    """nnUNetTrainerGreen8bitAdamW through the stock CLI, 2 epochs (fold 0); the resume test continues it."""
+    return hippocampus.train(ADAMW_TRAINER, epochs=2, iters=2, val_iters=1)
+
+
 def _cpu_energy_source(nn) -> str:
     meter = EnergyMeter(torch.device("cpu"), settings=GreenSettings.from_env(nn.env()), rapl_poll_s=0)
     return meter.source
@@ -264,8 +271,10 @@ def test_each_study_setting_trains_in_process(hippocampus):
 
 @pytest.mark.parametrize("trainer", CLI_SETTINGS)
 def test_stock_nnunetv2_train_runs_each_green_trainer(hippocampus, trainer, request):
-    # The fp32 run is the session's shared trained model (same budget), not trained twice.
-    fold = request.getfixturevalue("trained_fp32") if trainer == "nnUNetTrainerGreenFP32" \
+    # The fp32 run is the session's shared trained model and the 8-bit AdamW run the one the resume test continues
+    # (same budget): neither is trained twice.
+    shared = {"nnUNetTrainerGreenFP32": "trained_fp32", ADAMW_TRAINER: "trained_8bit_adamw"}
+    fold = request.getfixturevalue(shared[trainer]) if trainer in shared \
         else hippocampus.train(trainer, epochs=2, iters=2, val_iters=1)
     assert (fold / "checkpoint_final.pth").is_file()
     rows = _read_log(fold)
@@ -305,16 +314,15 @@ def test_stock_nnunetv2_train_runs_each_green_trainer(hippocampus, trainer, requ
     assert len(checkpoint["logging"]["green_epoch_s"]) == 2
 
 
-def test_continue_training_resumes_8bit_state_and_appends_the_log(hippocampus):
-    trainer = "nnUNetTrainerGreen8bitAdamW"
-    fold = hippocampus.train(trainer, fold=1, epochs=1, iters=2, val_iters=1)
-    first_epoch_row = _read_log(fold)[0]
+def test_continue_training_resumes_8bit_state_and_appends_the_log(hippocampus, trained_8bit_adamw):
+    trainer, fold = ADAMW_TRAINER, trained_8bit_adamw  # two epochs done (checked above); --c trains a third
+    first_rows = _read_log(fold)
 
     # Load it the way `nnUNetv2_train --c` does and compare the 8-bit state bit for bit.
     code = (
         "import torch, sys\n"
         "from nnunetv2.run.run_training import get_trainer_from_args\n"
-        f"t = get_trainer_from_args('4', '3d_fullres', 1, '{trainer}', device=torch.device('cpu'))\n"
+        f"t = get_trainer_from_args('4', '3d_fullres', 0, '{trainer}', device=torch.device('cpu'))\n"
         f"t.load_checkpoint(r'{fold / 'checkpoint_final.pth'}')\n"
         f"saved = torch.load(r'{fold / 'checkpoint_final.pth'}', map_location='cpu', weights_only=False)"
         "['optimizer_state']['state']\n"
@@ -327,16 +335,16 @@ def test_continue_training_resumes_8bit_state_and_appends_the_log(hippocampus):
         "tensors = lambda d: [v for x in d.values() for v in (tensors(x) if isinstance(x, dict) else [x])]\n"
         "print('identical', sum(torch.is_tensor(v) and v.dtype == torch.uint8 for v in tensors(now)))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=hippocampus.env(nnUNet_green_epochs=2),
+    proc = subprocess.run([sys.executable, "-c", code], env=hippocampus.env(nnUNet_green_epochs=3),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split("identical")[-1]) > 0  # 8-bit (uint8) state tensors were among them
 
-    hippocampus.train(trainer, fold=1, epochs=2, iters=2, val_iters=1, extra_args=["--c"])
+    hippocampus.train(trainer, fold=0, epochs=3, iters=2, val_iters=1, extra_args=["--c"])
     rows = _read_log(fold)
-    assert [int(r["epoch"]) for r in rows] == [0, 1] and rows[0] == first_epoch_row
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and rows[:2] == first_rows
     summary = json.loads((fold / "green_summary.json").read_text())
-    assert summary["epochs_logged"] == 2
+    assert summary["epochs_logged"] == 3
 
 
 def test_half_weights_stop_cleanly_when_steps_stay_non_finite(hippocampus):
@@ -374,6 +382,6 @@ def test_half_weights_stop_cleanly_when_steps_stay_non_finite(hippocampus):
 def test_stock_predict_uses_a_green_trainer_model(hippocampus, trained_fp32, tmp_path):
     out = tmp_path / "pred"
     run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", out, "-d", 4, "-c", "3d_fullres",
-            "-tr", "nnUNetTrainerGreenFP32", "-f", 0, "-device", "cpu", "--disable_progress_bar",
-            env=hippocampus.env())
+            "-tr", "nnUNetTrainerGreenFP32", "-f", 0, "-device", "cpu", "--disable_progress_bar", "--disable_tta",
+            "-npp", 1, "-nps", 1, env=hippocampus.env())
     assert len(list(out.glob("*.nii.gz"))) == 2
