@@ -113,8 +113,9 @@ class nnUNetTrainerGreen(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        # nnU-Net 2.8.1's load_checkpoint only works with a path (a dict leaves its `checkpoint` unbound), so the stop
+        # record costs a second read of the file, once per `--c` / `--val`.
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
         self.stop_record = checkpoint.get(STOP_CHECKPOINT_KEY)
         # A checkpoint written by a non-green trainer has none of our logger keys: pad them to the current epoch
         # so nnU-Net's "one value per epoch" logger and progress.png stay aligned.
