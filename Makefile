@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NNUNET_GREEN_DATA ?= $(abspath ../shared/data)
 export NNUNET_GREEN_DATA
 
-.PHONY: install test bench bench-recovery bench-gpu-training bench-stopping demo clean
+.PHONY: install test bench bench-recovery bench-gpu-training bench-stopping bench-light demo clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ bench-gpu-training: install
 # estimate: not yet run at this size).
 bench-stopping: install
 	$(PY) benchmarks/stopping.py -o bench_out/stopping
+
+# Light plans vs default plans at equal epochs on Hippocampus, then both compressed (docs/benchmarks.md). Reuses the
+# data and, when it exists, the full-schedule run of bench-stopping (same settings); ~15 min after it, ~35 alone.
+bench-light: install
+	$(PY) benchmarks/light_plans.py -o bench_out/light_plans \
+	    $(if $(wildcard work/stopping/runs/full/fold_0/green_summary.json),--baseline-run work/stopping/runs/full,)
 
 demo: install
 	$(PY) -m nnunet_green.demo --out demo_out $(if $(DATA),--data $(DATA),)

@@ -24,109 +24,21 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import resource
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from nnunet_green.contract import BASELINE_TRAINER, DATASET_FILE, GREEN_SUMMARY_FILE, TrainingSummary, env_name
+from nnunet_green.contract import BASELINE_TRAINER, DATASET_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
 DICE_TOLERANCE = 0.01
 MIN_SAVING = 0.40
-# nnU-Net's own training entry point, seeded first (the console script nnUNetv2_train runs the same function).
-SEEDED_TRAIN = """\
-import random, sys
-import numpy as np, torch
-seed = int(sys.argv[1])
-random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-sys.argv = ["nnUNetv2_train", *sys.argv[2:]]
-from nnunetv2.run.run_training import run_training_entry
-sys.exit(run_training_entry())
-"""
 
 
 def default_data() -> Path:
     root = os.environ.get("NNUNET_GREEN_DATA") or str(REPO.parent / "shared" / "data")
     return Path(root) / "Task04_Hippocampus"
-
-
-def prepare(data: Path, work: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
-    """Convert and plan once (reused); returns (held-out images, their labels)."""
-    from nnunet_green.demo.data import msd_subset
-    from nnunet_green.evaluation.experiment import nnunet_env, run_tool
-
-    env = nnunet_env(work)
-    task = msd_subset(data, work / "msd", n_train, n_test)
-    if not (work / "raw" / DATASET_NAME / DATASET_FILE).is_file():
-        run_tool(["nnUNetv2_convert_MSD_dataset", "-i", task, "-np", 1], env)
-    if not (work / "preprocessed" / DATASET_NAME / "nnUNetPlans.json").is_file():
-        run_tool(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-npfp", 1, "-np", 1], env)
-    return work / "raw" / DATASET_NAME / "imagesTs", task / "labelsTs"
-
-
-def _children_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def train(name: str, args, work: Path, stop_env: dict) -> dict:
-    """One seeded training run (fresh), moved to work/runs/NAME; what it cost and how it ended."""
-    from nnunet_green.evaluation.experiment import nnunet_env
-
-    trained = work / "results" / DATASET_NAME / f"{args.trainer}__nnUNetPlans__3d_fullres"
-    target = work / "runs" / name
-    for folder in (trained, target):
-        if folder.exists():
-            shutil.rmtree(folder)
-    env = nnunet_env(work, nnUNet_n_proc_DA=args.n_proc_da, **{
-        env_name("epochs"): args.epochs, env_name("iters"): args.iters, env_name("val_iters"): args.val_iters,
-        **stop_env})
-    for var in ("patience", "min_delta", "budget_kwh", "budget_hours"):
-        if env_name(var) not in stop_env:
-            env.pop(env_name(var), None)  # the full run must not inherit a policy from the caller's shell
-    cmd = [sys.executable, "-c", SEEDED_TRAIN, str(args.seed), str(DATASET_ID), "3d_fullres", args.fold,
-           "-tr", args.trainer, "-device", args.device]
-    print(f"+ [{name}] nnUNetv2_train {' '.join(cmd[4:])}  "
-          f"({' '.join(f'{k}={v}' for k, v in stop_env.items()) or 'full schedule'})", file=sys.stderr, flush=True)
-    cpu0, t0 = _children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
-    if proc.returncode != 0:
-        sys.exit(f"[{name}] training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(trained), target)
-    summary = TrainingSummary.read(target / f"fold_{args.fold}" / GREEN_SUMMARY_FILE)
-    t, extra = summary.totals, summary.extra
-    stopping = extra.get("stopping") or {}
-    return {
-        "run": name, "model_folder": str(target), "policy": stopping.get("policy"),
-        "stop_reason": stopping.get("reason"), "stop_epoch": stopping.get("epoch"),
-        "epochs_trained": summary.epochs_logged, "epochs_scheduled": extra.get("num_epochs"),
-        "train_time_s": t.get("time_s"), "final_validation_s": t.get("final_validation_s"),
-        "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source"),
-        "process_wall_s": round(wall, 1), "process_cpu_s": round(cpu, 1),
-        "validation_dice": (extra.get("dice") or {}).get("validation_mean_fg_dice"),
-        "ema_pseudo_dice_best": (extra.get("dice") or {}).get("ema_pseudo_dice_best"),
-    }
-
-
-def held_out_dice(run: dict, images: Path, labels: Path, args) -> None:
-    from nnunet_green.evaluation.bench import image_cases, predict
-    from nnunet_green.evaluation.dice import dice_tables, foreground_labels, summarize
-    from nnunet_green.contract import read_json
-
-    folder = Path(run["model_folder"])
-    out = folder.parent / f"{run['run']}_predictions"
-    wall = predict(images, out, folder, args.fold, "checkpoint_final.pth", args.device, 1, 1, disable_tta=True)
-    cases = [c + ".nii.gz" for c in image_cases(images, ".nii.gz")]
-    labels_fg = foreground_labels(read_json(folder / DATASET_FILE, DATASET_FILE))
-    mean, per_label = summarize(dice_tables(out, labels, cases, labels_fg))
-    run.update(held_out_dice=mean, held_out_dice_per_label=per_label, held_out_cases=len(cases),
-               predict_s=round(wall, 1))
 
 
 def _saving(full, early):
@@ -228,12 +140,19 @@ def main(argv=None) -> int:
     if args.patience < 1 or args.min_delta < 0 or args.epochs < 2:
         p.error("--patience must be >= 1, --min-delta >= 0 and --epochs >= 2")
     work = args.work.absolute()
-    images, labels = prepare(data, work, args.n_train, args.n_test)
-    runs = [train("full", args, work, {}),
-            train("early", args, work, {env_name("patience"): args.patience, env_name("min_delta"): args.min_delta})]
+    from nnunet_green.evaluation.experiment import prepare_msd_subset
+
+    images, labels = prepare_msd_subset(data, work, args.n_train, args.n_test, (DATASET_ID, DATASET_NAME))
+    from nnunet_green.evaluation.experiment import held_out_dice, seeded_training_run
+
+    common = dict(trainer=args.trainer, fold=args.fold, seed=args.seed, device=args.device, epochs=args.epochs,
+                  iters=args.iters, val_iters=args.val_iters, n_proc_da=args.n_proc_da)
+    runs = [seeded_training_run("full", work, (DATASET_ID, DATASET_NAME), **common),
+            seeded_training_run("early", work, (DATASET_ID, DATASET_NAME), **common,
+                                green_env={"patience": args.patience, "min_delta": args.min_delta})]
     if not args.no_predict and args.n_test > 0:
         for run in runs:
-            held_out_dice(run, images, labels, args)
+            held_out_dice(run, images, labels, args.fold, args.device)
     result = {
         "benchmark": "stopping", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),

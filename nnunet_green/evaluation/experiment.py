@@ -5,12 +5,27 @@ from __future__ import annotations
 
 import math
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from nnunet_green.contract import BASELINE_TRAINER, DEFAULT_CHECKPOINT, GREEN_SUMMARY_FILE, TrainingSummary, env_name
+from nnunet_green.contract import (BASELINE_TRAINER, DATASET_FILE, DEFAULT_CHECKPOINT, DEFAULT_PLANS,
+                                   GREEN_SUMMARY_FILE, TrainingSummary, env_name, read_json)
+
+STOP_SETTINGS = ("patience", "min_delta", "budget_kwh", "budget_hours")
+# nnU-Net's own training entry point, seeded first (the console script nnUNetv2_train runs the same function).
+SEEDED_TRAIN = """\
+import random, sys
+import numpy as np, torch
+seed = int(sys.argv[1])
+random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+sys.argv = ["nnUNetv2_train", *sys.argv[2:]]
+from nnunetv2.run.run_training import run_training_entry
+sys.exit(run_training_entry())
+"""
 
 
 def run_tool(args, env: dict) -> None:
@@ -34,30 +49,108 @@ def nnunet_env(work: Path, **extra) -> dict:
     return env
 
 
+def prepare_msd_subset(data: Path, work: Path, n_train: int, n_test: int,
+                       dataset: tuple[int, str] = (4, "Dataset004_Hippocampus")) -> tuple[Path, Path]:
+    """Real convert -> plan and preprocess (3d_fullres) of the first `n_train` labelled cases of an MSD task into
+    `work` (reused when already there), the next `n_test` labelled cases held out. Returns (held-out images, their
+    labels)."""
+    from nnunet_green.demo.data import msd_subset
+
+    env = nnunet_env(work)
+    dataset_id, dataset_name = dataset
+    task = msd_subset(data, work / "msd", n_train, n_test)
+    if not (work / "raw" / dataset_name / DATASET_FILE).is_file():
+        run_tool(["nnUNetv2_convert_MSD_dataset", "-i", task, "-np", 1], env)
+    if not (work / "preprocessed" / dataset_name / f"{DEFAULT_PLANS}.json").is_file():
+        run_tool(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-npfp", 1, "-np", 1], env)
+    return work / "raw" / dataset_name / "imagesTs", task / "labelsTs"
+
+
 def train_msd_subset(data: Path, work: Path, n_train: int, n_test: int, epochs: int, iters: int, val_iters: int,
                      fold: str = "0", device: str = "cpu", trainer: str = BASELINE_TRAINER,
                      dataset: tuple[int, str] = (4, "Dataset004_Hippocampus")) -> tuple[Path, Path, Path]:
     """Real convert -> plan -> train on the first cases of an MSD task (reused if already trained in `work`);
     returns (model folder, held-out images, their labels)."""
-    from nnunet_green.demo.data import msd_subset
-
-    env = nnunet_env(work)
     dataset_id, dataset_name = dataset
-    model = work / "results" / dataset_name / f"{trainer}__nnUNetPlans__3d_fullres"
-    task = msd_subset(data, work / "msd", n_train, n_test)
-    images = work / "raw" / dataset_name / "imagesTs"
+    model = work / "results" / dataset_name / f"{trainer}__{DEFAULT_PLANS}__3d_fullres"
+    images, labels = prepare_msd_subset(data, work, n_train, n_test, dataset)
     if not (model / f"fold_{fold}" / DEFAULT_CHECKPOINT).is_file():
-        if not images.is_dir():
-            run_tool(["nnUNetv2_convert_MSD_dataset", "-i", task, "-np", 1], env)
-        if not (work / "preprocessed" / dataset_name / "nnUNetPlans.json").is_file():
-            run_tool(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-npfp", 1, "-np", 1], env)
         t0 = time.perf_counter()
         run_tool(["nnUNetv2_train", dataset_id, "3d_fullres", fold, "-tr", trainer, "-device", device],
-                 dict(env, **{env_name("epochs"): str(epochs), env_name("iters"): str(iters),
-                              env_name("val_iters"): str(val_iters),
-                              "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0")}))  # 1 overlaps augmentation
+                 dict(nnunet_env(work), **{env_name("epochs"): str(epochs), env_name("iters"): str(iters),
+                                           env_name("val_iters"): str(val_iters),
+                                           "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0")}))
         print(f"trained in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return model, images, task / "labelsTs"
+    return model, images, labels
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def seeded_training_run(name: str, work: Path, dataset: tuple[int, str], *, trainer: str = BASELINE_TRAINER,
+                        plans: str = DEFAULT_PLANS, fold: str = "0", seed: int = 0, device: str = "cpu",
+                        epochs: int, iters: int, val_iters: int, n_proc_da: str = "0",
+                        green_env: dict | None = None) -> dict:
+    """One fresh, seeded `nnUNetv2_train` run (nnU-Net's entry point in a subprocess), moved to work/runs/NAME.
+
+    `green_env`: nnUNet_green_* settings by short name (e.g. {"patience": 5}); stopping settings not given are
+    removed from the environment, so a run never inherits a policy from the caller's shell. Returns what the run
+    cost and how it ended (from its green_summary.json, plus the process tree's wall and CPU time)."""
+    dataset_id, dataset_name = dataset
+    trained = work / "results" / dataset_name / f"{trainer}__{plans}__3d_fullres"
+    target = work / "runs" / name
+    for folder in (trained, target):
+        if folder.exists():
+            shutil.rmtree(folder)
+    green_env = dict(green_env or {})
+    env = nnunet_env(work, nnUNet_n_proc_DA=n_proc_da, **{
+        env_name("epochs"): epochs, env_name("iters"): iters, env_name("val_iters"): val_iters,
+        **{env_name(k): v for k, v in green_env.items()}})
+    for var in STOP_SETTINGS:
+        if var not in green_env:
+            env.pop(env_name(var), None)
+    cmd = [sys.executable, "-c", SEEDED_TRAIN, str(seed), str(dataset_id), "3d_fullres", fold, "-tr", trainer,
+           "-p", plans, "-device", device]
+    print(f"+ [{name}] nnUNetv2_train {' '.join(cmd[4:])}  "
+          f"({' '.join(f'{k}={v}' for k, v in green_env.items()) or 'full schedule'})", file=sys.stderr, flush=True)
+    cpu0, t0 = _children_cpu_s(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
+    if proc.returncode != 0:
+        sys.exit(f"[{name}] training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(trained), target)
+    summary = TrainingSummary.read(target / f"fold_{fold}" / GREEN_SUMMARY_FILE)
+    t, extra = summary.totals, summary.extra
+    stopping = extra.get("stopping") or {}
+    return {
+        "run": name, "model_folder": str(target), "plans": plans, "policy": stopping.get("policy"),
+        "stop_reason": stopping.get("reason"), "stop_epoch": stopping.get("epoch"),
+        "epochs_trained": summary.epochs_logged, "epochs_scheduled": extra.get("num_epochs"),
+        "train_time_s": t.get("time_s"), "final_validation_s": t.get("final_validation_s"),
+        "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source"),
+        "process_wall_s": round(wall, 1), "process_cpu_s": round(cpu, 1),
+        "validation_dice": (extra.get("dice") or {}).get("validation_mean_fg_dice"),
+        "ema_pseudo_dice_best": (extra.get("dice") or {}).get("ema_pseudo_dice_best"),
+    }
+
+
+def held_out_dice(run: dict, images: Path, labels: Path, fold: str = "0", device: str = "cpu") -> None:
+    """Dice of the stock `nnUNetv2_predict_from_modelfolder` (no TTA) of run["model_folder"] on held-out labelled
+    cases; adds held_out_dice (mean foreground), per label, the case count and the prediction time to `run`."""
+    from nnunet_green.evaluation.bench import image_cases, predict
+    from nnunet_green.evaluation.dice import dice_tables, foreground_labels, summarize
+
+    folder = Path(run["model_folder"])
+    out = folder.parent / f"{run['run']}_predictions"
+    wall = predict(images, out, folder, fold, DEFAULT_CHECKPOINT, device, 1, 1, disable_tta=True)
+    cases = [c + ".nii.gz" for c in image_cases(images, ".nii.gz")]
+    labels_fg = foreground_labels(read_json(folder / DATASET_FILE, DATASET_FILE))
+    mean, per_label = summarize(dice_tables(out, labels, cases, labels_fg))
+    run.update(held_out_dice=mean, held_out_dice_per_label=per_label, held_out_cases=len(cases),
+               predict_s=round(wall, 1))
 
 
 def training_cost(fold_folder: Path) -> dict:
