@@ -493,7 +493,7 @@ def _strip_artefact(folder: Path) -> None:
 def test_stock_predict_fast_path_in_two_parts_and_without_the_artefact(hippocampus, compressed, tmp_path):
     """The stock CLIs on the compressed folder: nnUNetv2_predict -num_parts 2 -part_id 0/1 (two processes, no shared
     cache) runs the fast CPU path; nnUNetv2_predict_from_modelfolder on a copy with the artefact stripped runs the
-    eager network, says why once, and writes the same segmentations. (A stale artefact: tests/test_fast_path.py.)"""
+    eager network, says why once, and writes the same segmentations (>= 99.99 % of voxels). (A stale artefact: tests/test_fast_path.py.)"""
     m = json.loads((compressed["c012"] / "compression.json").read_text())
     assert m["fast_path"]["status"] == "built" and m["fast_path"]["folds"]["fold_0"]["status"] == "built"
     assert m["fast_path"]["measured"]["fast_path_used"] is True and m["fast_path"]["measured"]["speedup"] > 0
@@ -518,7 +518,9 @@ def test_stock_predict_fast_path_in_two_parts_and_without_the_artefact(hippocamp
                    env=hippocampus.env())
     assert proc.stderr.count("no fast-path artefact") == 1 and "fast CPU path: ONNX" not in proc.stderr
     for name in cases:
-        np.testing.assert_array_equal(read_seg(pred / name), read_seg(parts / name))
+        # the same segmentation up to voxels whose top two logits tie within float32 rounding (the graph runtime
+        # sums in another order): issue 12's bar, argmax agreement >= 0.9999
+        assert (read_seg(pred / name) == read_seg(parts / name)).mean() >= 0.9999, name
 
 
 def test_fast_path_exact_on_real_hippocampus_images(hippocampus, compressed):
