@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import os
 import shlex
 import shutil
@@ -158,8 +157,6 @@ def time_variants(folders: dict[str, Path], onnx_path: Path, shape, threads: int
         out["speedups"][ref] = {"ratio_of_medians": statistics.median(times[ref]) / statistics.median(comp),
                                 "paired_median": statistics.median(paired), "paired_min": min(paired),
                                 "paired_max": max(paired)}
-    del nets, session, variants
-    gc.collect()
     return out
 
 

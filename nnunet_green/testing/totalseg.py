@@ -14,6 +14,7 @@ from pathlib import Path
 from nnunet_green.contract import DATASET_FILE, DEFAULT_CHECKPOINT, DEFAULT_PLANS, PLANS_FILE
 
 TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
+ORGANS_TASK_FOLDER = "Dataset291_TotalSegmentator_part1_organs_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 MODEL_FOLDER = f"{TRAINER}__nnUNetPlans__3d_fullres"
 DATASET297 = dict(base_features=32, max_features=320, n_stages=5, patch=(112, 112, 128))
@@ -95,12 +96,13 @@ def build_network(plans: dict, dataset: dict):
     return build(find_trainer(TRAINER), pm, cm, dataset)
 
 
-def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_weights: dict) -> Path:
-    """`root/<TASK_FOLDER>/<MODEL_FOLDER>/` with plans.json, dataset.json and fold_0/checkpoint_final.pth in
+def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_weights: dict,
+                       task_folder: str = TASK_FOLDER) -> Path:
+    """`root/<task_folder>/<MODEL_FOLDER>/` with plans.json, dataset.json and fold_0/checkpoint_final.pth in
     nnU-Net's checkpoint format; returns the model folder."""
     import torch
 
-    folder = Path(root) / TASK_FOLDER / MODEL_FOLDER
+    folder = Path(root) / task_folder / MODEL_FOLDER
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     (folder / PLANS_FILE).write_text(json.dumps(plans, indent=4))
     (folder / DATASET_FILE).write_text(json.dumps(dataset, indent=4))
