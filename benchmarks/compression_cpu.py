@@ -12,8 +12,8 @@ and 1), four variants are timed in rotating rounds on one 1x1x128^3 input:
   optimizations on and intra-op threads = the torch thread count (what a CPU user would pick instead of compression);
 - `compressed`: the compressed folder loaded the predictor's way, `network(x)` under inference mode - the stock
   predictor's call, so whatever fast path the package provides engages here;
-- `compressed_eager`: a copy of the compressed folder holding only nnU-Net's files (plans, dataset, manifest,
-  checkpoint): the plain factorized torch network, for reference.
+- `compressed_eager`: the same compressed folder, called with `nnUNet_green_fast_path=0` in the environment (the
+  user's switch for the fast CPU path): the plain factorized torch network, for reference.
 
 Each forward's peak resident memory above the process's RSS before it is recorded (VmHWM reset per forward).
 Writes <out>/compression_cpu.json and .md (evaluation.experiment.write_result); prints each target as MET/MISS.
@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import json
 import shlex
-import shutil
 import statistics
 import sys
 import tempfile
@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from nnunet_green.contract import DATASET_FILE, DEFAULT_CHECKPOINT, MANIFEST_FILE, PLANS_FILE
 from nnunet_green.evaluation import interleaved, machine_info, peak_rss_mb, reset_peak_rss, rss_mb
 from nnunet_green.evaluation.experiment import write_result
 from nnunet_green.evaluation.timing import forward_seconds
@@ -42,7 +41,7 @@ from nnunet_green.nnunet_io import ModelFolder
 TARGETS = {"vs_dense": 3.5, "vs_dense_ort": 3.0}  # compressed (predictor's call) faster than ..., at TARGET_THREADS
 TARGET_THREADS = 2
 VARIANTS = ("dense", "dense_ort", "compressed", "compressed_eager")
-PLAIN_FILES = (PLANS_FILE, DATASET_FILE, MANIFEST_FILE)  # + fold_*/checkpoint: what nnU-Net itself reads
+FAST_PATH_SWITCH = "nnUNet_green_fast_path"  # contract.ENV: 0 runs the compressed network eagerly
 
 
 def log(msg: str) -> None:
@@ -51,8 +50,8 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------ model folders
 
-def make_folders(work: Path, ratio: float, patch) -> tuple[Path, Path, Path, dict]:
-    """(dense, compressed, compressed-without-extras) model folders and the compression manifest."""
+def make_folders(work: Path, ratio: float, patch) -> tuple[Path, Path, dict]:
+    """(dense, compressed) model folders and the compression manifest."""
     from nnunet_green.compression import TuckerConfig
     from nnunet_green.compression.model_folder import compress_model_folder
     from nnunet_green.testing import totalseg
@@ -64,23 +63,22 @@ def make_folders(work: Path, ratio: float, patch) -> tuple[Path, Path, Path, dic
     t0 = time.perf_counter()
     manifest = compress_model_folder(dense, work / "compressed", TuckerConfig(rank_ratio=ratio), progress=True)
     manifest["compress_wall_s"] = time.perf_counter() - t0
-    compressed = work / "compressed"
-    plain = work / "compressed_plain"
-    for name in PLAIN_FILES:
-        if (compressed / name).is_file():
-            (plain / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(compressed / name, plain / name)
-    for ckpt in compressed.glob(f"fold_*/{DEFAULT_CHECKPOINT}"):
-        (plain / ckpt.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ckpt, plain / ckpt.parent.name / ckpt.name)
-    return dense, compressed, plain, manifest
+    return dense, work / "compressed", manifest
 
 
-def extra_files(folder: Path, plain: Path) -> list[str]:
-    """Files of the compressed folder beyond nnU-Net's own (the fast-path artefact, if the package wrote one)."""
-    have = {p.relative_to(plain).as_posix() for p in plain.rglob("*") if p.is_file()}
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.relative_to(folder).as_posix() not in have)
+def fast_path_off(seconds_of_run):
+    """`seconds_of_run` with the fast CPU path switched off by its environment variable (read on every call)."""
+    def run() -> float:
+        old = os.environ.get(FAST_PATH_SWITCH)
+        os.environ[FAST_PATH_SWITCH] = "0"
+        try:
+            return seconds_of_run()
+        finally:
+            if old is None:
+                os.environ.pop(FAST_PATH_SWITCH)
+            else:
+                os.environ[FAST_PATH_SWITCH] = old
+    return run
 
 
 def export_onnx(network, shape, path: Path) -> float:
@@ -132,12 +130,13 @@ def time_variants(folders: dict[str, Path], onnx_path: Path, shape, threads: int
     torch.set_num_threads(threads)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     nets = {name: ModelFolder(folders[name]).load(device="cpu").network.eval()
-            for name in ("dense", "compressed", "compressed_eager")}
+            for name in ("dense", "compressed", "compressed_eager")}  # two instances of the compressed folder
     session = ort_session(onnx_path, threads)
     variants = {"dense": Variant(lambda: forward_seconds(nets["dense"], x, "cpu")),
                 "dense_ort": Variant(lambda: ort_seconds(session, x)),
                 "compressed": Variant(lambda: forward_seconds(nets["compressed"], x, "cpu")),
-                "compressed_eager": Variant(lambda: forward_seconds(nets["compressed_eager"], x, "cpu"))}
+                "compressed_eager": Variant(fast_path_off(lambda: forward_seconds(nets["compressed_eager"], x,
+                                                                                  "cpu")))}
 
     def on_round(r, times):
         log(f"  {threads} thread(s), round {r + 1}/{repeats}: "
@@ -165,13 +164,14 @@ def time_variants(folders: dict[str, Path], onnx_path: Path, shape, threads: int
 LABELS = {"dense": "dense, torch eager (stock predictor's call)",
           "dense_ort": "dense, ONNX Runtime (exported, graph optimizations on)",
           "compressed": "compressed, stock predictor's call",
-          "compressed_eager": "compressed, plain torch eager (no artefact)"}
+          "compressed_eager": f"compressed, plain torch eager ({FAST_PATH_SWITCH}=0)"}
 
 
 def markdown(result: dict) -> str:
     m, man = result["machine"], result["compression"]
-    extras = (", ".join(f"`{f}`" for f in result["extra_files"])
-              or "none (no fast-path artefact: both compressed rows run the plain torch network)")
+    fast = result["compression"].get("fast_path")
+    fast = (f"`{json.dumps(fast)}`" if fast else
+            "none recorded (no fast path in this version: both compressed rows run the plain torch network)")
     L = ["# Compressed TotalSegmentator 1.5 mm network: CPU forward", "",
          f"- Command: `{result['command']}`",
          f"- Date: {result['date']}",
@@ -183,7 +183,7 @@ def markdown(result: dict) -> str:
          f"{man['params_before'] / 1e6:.2f} M -> {man['params_after'] / 1e6:.2f} M parameters in the state dict, "
          f"multiply-adds / {man['macs_before'] / man['macs_after']:.2f}; compression {man['compress_wall_s']:.1f} s "
          f"(decomposition {man['decomposition_s']:.1f} s).",
-         f"- Files the compressed folder holds beyond nnU-Net's own: {extras}.",
+         f"- Fast path recorded in compression.json: {fast}.",
          f"- Dense ONNX export: {result['onnx_export_s']:.1f} s (legacy exporter, opset 18).",
          "- One interleaved run: each round times every variant once, rotating the order. Peak memory = the largest "
          "rise of the process's resident memory (VmHWM, reset before each forward) over its RSS before that "
@@ -249,17 +249,16 @@ def main(argv=None) -> int:
     work = Path(args.work or work_ctx.name).absolute()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        dense, compressed, plain, manifest = make_folders(work / "models", args.ratio, patch)
+        dense, compressed, manifest = make_folders(work / "models", args.ratio, patch)
         result["compression"] = {"rank_ratio": args.ratio, **manifest["totals"],
-                                 "compress_wall_s": manifest["compress_wall_s"]}
-        result["extra_files"] = extra_files(compressed, plain)
-        log(f"compressed folder's files beyond nnU-Net's own: {result['extra_files'] or 'none'}")
+                                 "compress_wall_s": manifest["compress_wall_s"], "fast_path": manifest.get("fast_path")}
+        log(f"fast path recorded in compression.json: {manifest.get('fast_path')}")
         shape = (1, 1, *patch)
         log("exporting the dense network to ONNX")
         dense_net = ModelFolder(dense).load(device="cpu").network.eval()
         result["onnx_export_s"] = export_onnx(dense_net, shape, work / "dense.onnx")
         del dense_net
-        folders = {"dense": dense, "compressed": compressed, "compressed_eager": plain}
+        folders = {"dense": dense, "compressed": compressed, "compressed_eager": compressed}
         result["runs"] = [time_variants(folders, work / "dense.onnx", shape, t, args.repeats, args.warmup)
                           for t in args.threads]
     finally:

@@ -53,6 +53,7 @@ CT_3MM = TS_EXAMPLE / "example_ct.nii.gz"
 CTS_1_5MM = {"pulmonary": TS_EXAMPLE / "pulmonary_report" / "ct_cropped.nii.gz",
              "aorta": TS_EXAMPLE / "aorta_report" / "ct_cropped.nii.gz"}
 TARGETS = {"speedup": 2.5}
+PACKAGE_LOG_PREFIX = "nnunet-green:"  # how the package says which inference path ran (stderr)
 STAGE_LINE = re.compile(r"^\s*(\w[\w ]*?) in ([0-9.]+)s\s*$")  # TotalSegmentator: "  Predicted in 12.34s"
 
 
@@ -125,8 +126,10 @@ def run_timed(script: str, args: list, env: dict, log_dir: Path, tag: str) -> di
              "between_forwards_s": (calls[-1][1] - calls[0][0] - sum(fwd)) if calls else 0.0,
              "after_last_forward_s": (t_end - calls[-1][1]) if calls else 0.0}
     stages = [{"stage": m.group(1), "s": float(m.group(2))} for _, s in lines if (m := STAGE_LINE.match(s))]
+    package_lines = sorted({s.strip() for _, s in lines if s.startswith(PACKAGE_LOG_PREFIX)})
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "n_forwards": len(fwd),
-            "forward_median_s": statistics.median(fwd) if fwd else None, **parts, "stages": stages}
+            "forward_median_s": statistics.median(fwd) if fwd else None, **parts, "stages": stages,
+            "package_log": package_lines}
 
 
 # ------------------------------------------------------------------ scenarios
@@ -269,8 +272,8 @@ def markdown(result: dict) -> str:
         man = result["compression"][key]
         L += [f"## {title}", "", f"`{s['command']}`", "",
               f"Compression: {man['params_before'] / 1e6:.2f} M -> {man['params_after'] / 1e6:.2f} M parameters, "
-              f"multiply-adds / {man['macs_before'] / man['macs_after']:.2f} at the plans' patch; "
-              f"files beyond nnU-Net's own: {', '.join(man['extra_files']) or 'none'}.", "",
+              f"multiply-adds / {man['macs_before'] / man['macs_after']:.2f} at the plans' patch; fast path in "
+              f"compression.json: {json.dumps(man['fast_path']) if man['fast_path'] else 'none'}.", "",
               "| | dense | compressed | dense / compressed |", "|---|---|---|---|"]
         md, mc = s["median"]["dense"], s["median"]["compressed"]
         L.append(f"| wall time (median) | {md['wall_s']:.1f} s | {mc['wall_s']:.1f} s | **{s['speedup']:.2f}x** "
@@ -286,6 +289,9 @@ def markdown(result: dict) -> str:
                   f"{statistics.median(r['forward_median_s'] for r in s['runs']['dense']):.2f} s, compressed "
                   f"{statistics.median(r['forward_median_s'] for r in s['runs']['compressed']):.2f} s."]
         for kind in ("dense", "compressed"):
+            said = s["runs"][kind][-1]["package_log"]
+            if said:
+                L.append(f"The package said ({kind}, last run): " + " / ".join(f"`{x}`" for x in said) + ".")
             st = s["runs"][kind][-1]["stages"]
             if st:
                 L.append(f"TotalSegmentator's own stage times ({kind}, last run): "
@@ -354,9 +360,8 @@ def main(argv=None) -> int:
         models = make_models(work / "models", args.ratio, args.weights)
         result["compression"] = {}
         for key, m in (("totalsegmentator", models["ts3mm"]), ("predict", models["ts15"])):
-            folder = m["compressed"] if key == "predict" else next(m["compressed"].glob("*/*__*__*"))
             result["compression"][key] = {**m["manifest"]["totals"], "compress_wall_s": m["manifest"]["compress_wall_s"],
-                                          "extra_files": extra_files(folder)}
+                                          "fast_path": m["manifest"].get("fast_path")}
         images = work / "images_1.5mm"
         images.mkdir(exist_ok=True)
         for case, path in CTS_1_5MM.items():
@@ -378,16 +383,6 @@ def main(argv=None) -> int:
     for row in result["targets"]:
         log(f"  {'MET ' if row['met'] else 'MISS'} {row['target']}: {row['value']}")
     return 0
-
-
-def extra_files(folder: Path) -> list[str]:
-    """Files of a compressed model folder beyond what nnU-Net itself reads (a fast-path artefact, if any)."""
-    from nnunet_green.contract import DATASET_FILE, MANIFEST_FILE, PLANS_FILE
-
-    own = {PLANS_FILE, DATASET_FILE, MANIFEST_FILE}
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.name not in own and not p.name.startswith("checkpoint_")
-                  and p.parent.name != "validation" and p.suffix != ".png")
 
 
 if __name__ == "__main__":
