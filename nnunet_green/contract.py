@@ -34,6 +34,8 @@ BENCH_FORMAT = "nnunet-green-bench/1"
 NETWORK_CLASS_NAME = "nnunet_green.compression.network.TuckerFactorizedNetwork"
 DENSE_CLASS_KEY = "dense_network_class"  # arch_kwargs key: the dense class the factory builds first
 RANKS_KEY = "tucker_ranks"               # arch_kwargs key: {canonical conv name: [r_in, r_out]}
+# state-dict key (top-level uint8 buffer) of the factorized network's fast CPU path: a serialized ONNX model
+FAST_PATH_ARTEFACT_KEY = "fast_path_onnx"
 
 # --- per-epoch log columns (green_log.csv) -----------------------------------------------------------------------
 LOG_COLUMNS = ("epoch", "epoch_s", "train_s", "val_s", "gpu_energy_j", "cpu_energy_j", "energy_j", "energy_source",
@@ -139,6 +141,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("nnUNet_green_budget_kwh", _positive_float, None,
            "stop before the measured energy would exceed this (refused at start without an energy measurement)"),
     EnvVar("nnUNet_green_budget_hours", _positive_float, None, "stop before the training time would exceed this"),
+    EnvVar("nnUNet_green_fast_path", _flag, True,
+           "0 runs compressed networks eagerly in PyTorch even where their fast CPU path (ONNX Runtime) applies"),
 )
 ENV = {v.name: v for v in ENV_VARS}
 
@@ -160,6 +164,7 @@ class GreenSettings:
     min_delta: float = 0.0
     budget_kwh: float | None = None
     budget_hours: float | None = None
+    fast_path: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "GreenSettings":
@@ -294,6 +299,7 @@ class CompressionManifest(_Record):
     dense_network_class: str = ""
     verification: dict | None = None
     carried_over: dict = field(default_factory=dict)  # {relative path: what it describes}: files of the DENSE source
+    fast_path: dict | None = None     # fast CPU path: status per fold, verification, predicted/measured speed-up
     extra: dict = field(default_factory=dict)
 
     @property

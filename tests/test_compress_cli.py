@@ -477,3 +477,53 @@ def test_export_to_zip_install_and_predict(hippocampus, compressed, bench_run, t
     name = case.name.replace("_0000.nii.gz", ".nii.gz")
     in_place = out / "predictions" / b["models"][1]["name"] / name
     np.testing.assert_array_equal(read_seg(pred / name), read_seg(in_place))
+
+
+def _edit_artefact(folder: Path, how: str) -> None:
+    """strip: the checkpoint of a folder written before the fast path; stale: the artefact claims other weights
+    (its recorded fingerprint changed: what a fine-tune or hand edit of the weights looks like to the check)."""
+    from nnunet_green.compression.fast_path import ARTEFACT_KEY, META_FINGERPRINT
+
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if how == "strip":
+        del ck["network_weights"][ARTEFACT_KEY]
+    else:
+        import onnx
+        model = onnx.load_model_from_string(ck["network_weights"][ARTEFACT_KEY].numpy().tobytes())
+        entry = next(p for p in model.metadata_props if p.key == META_FINGERPRINT)
+        entry.value = "0" * 64
+        ck["network_weights"][ARTEFACT_KEY] = torch.frombuffer(bytearray(model.SerializeToString()), dtype=torch.uint8)
+    torch.save(ck, path)
+
+
+def test_stock_predict_fast_path_in_two_parts_and_without_or_with_a_stale_artefact(hippocampus, compressed, tmp_path):
+    """The stock CLIs on the compressed folder: nnUNetv2_predict -num_parts 2 -part_id 0/1 (two processes, no shared
+    cache) runs the fast CPU path; nnUNetv2_predict_from_modelfolder on copies with the artefact stripped or stale
+    runs the eager network, says why once, and writes the same segmentations."""
+    m = json.loads((compressed["c012"] / "compression.json").read_text())
+    assert m["fast_path"]["status"] == "built" and m["fast_path"]["folds"]["fold_0"]["status"] == "built"
+    assert m["fast_path"]["measured"]["fast_path_used"] is True and m["fast_path"]["measured"]["speedup"] > 0
+
+    results = tmp_path / "results"
+    shutil.copytree(compressed["c012"], results / "Dataset004_Hippocampus" / FOLDER)
+    parts = tmp_path / "parts"
+    for part in (0, 1):
+        proc = run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", parts, "-d", 4, "-tr", TRAINER,
+                       "-c", "3d_fullres", "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1,
+                       "--disable_tta", "-num_parts", 2, "-part_id", part, env=hippocampus.env(nnUNet_results=results))
+        assert proc.stderr.count("fast CPU path: ONNX Runtime") == 1, proc.stderr[-2000:]
+    cases = sorted(p.name for p in parts.glob("*.nii.gz"))
+    assert len(cases) == len(list(hippocampus.test_images.glob("*_0000.nii.gz"))) == 2
+
+    for how, said in (("strip", "no fast-path artefact"), ("stale", "built for other weights")):
+        folder = tmp_path / how / FOLDER
+        shutil.copytree(compressed["c012"], folder)
+        _edit_artefact(folder, how)
+        pred = tmp_path / f"pred_{how}"
+        proc = run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", folder,
+                       "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1, "--disable_tta",
+                       env=hippocampus.env())
+        assert proc.stderr.count(said) == 1 and "fast CPU path: ONNX" not in proc.stderr, proc.stderr[-2000:]
+        for name in cases:
+            np.testing.assert_array_equal(read_seg(pred / name), read_seg(parts / name))

@@ -316,7 +316,11 @@ def test_get_network_from_plans_builds_factorized_network():
     assert arch["network_class_name"] == NETWORK_CLASS_NAME
     rebuilt = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                      1, 4, deep_supervision=True)
-    assert type(rebuilt) is PlainConvUNet and rebuilt.decoder.deep_supervision
+    from nnunet_green.compression.fast_path import ARTEFACT_KEY, FastPlainConvUNet
+    # the dense class with the fast CPU path: the dense state-dict keys plus the (optional) artefact buffer
+    assert type(rebuilt) is FastPlainConvUNet and isinstance(rebuilt, PlainConvUNet)
+    assert rebuilt.decoder.deep_supervision
+    assert set(rebuilt.state_dict()) == set(dense.state_dict()) | {ARTEFACT_KEY}
     rebuilt.load_state_dict(dense.state_dict(), strict=True)
     rebuilt.decoder.deep_supervision = False
     rebuilt.eval()
@@ -585,7 +589,7 @@ def test_manifest_keys_and_old_manifests_still_read(tmp_path):
     out = tmp_path / "out"
     m = compress_model_folder(src, out, TuckerConfig(rank_ratio=0.25))
     written = json.loads((out / "compression.json").read_text())
-    assert written == m and set(written) == set(OLD_MANIFEST) | {"carried_over"}
+    assert written == m and set(written) == set(OLD_MANIFEST) | {"carried_over", "fast_path"}
     assert set(written["totals"]) == set(OLD_MANIFEST["totals"])
     assert set(written["config"]) == set(OLD_MANIFEST["config"])
     assert set(written["layers"][0]) == set(OLD_MANIFEST["layers"][0])
@@ -596,7 +600,7 @@ def test_manifest_keys_and_old_manifests_still_read(tmp_path):
     old = CompressionManifest.from_json(copy.deepcopy(OLD_MANIFEST))
     assert old.rule_label == "ratio 0.25" and old.carried_over == {} and old.extra == {}
     assert math.isclose(old.kept_fraction, 30110 / 85406)
-    assert {k: v for k, v in old.to_json().items() if k != "carried_over"} == OLD_MANIFEST
+    assert {k: v for k, v in old.to_json().items() if k not in ("carried_over", "fast_path")} == OLD_MANIFEST
 
     # the old way: the previous version wrote the same plans.json and checkpoint, and no carried-over files
     for rel in written["carried_over"]:

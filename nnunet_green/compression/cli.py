@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configuration (default: from the checkpoint, as nnU-Net's predictor does)")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the file size)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_FOLDER if it exists")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="do not store the fast CPU inference artefact (ONNX Runtime graph) in the checkpoints; "
+                        "nnunet-green-fastpath FOLDER adds it later (docs/compression.md, 'Fast CPU inference')")
+    p.add_argument("--no-speed-check", dest="speed_check", action="store_false",
+                   help="skip timing dense vs compressed at the plans' patch size (up to a minute per model)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bars")
     return p
@@ -120,8 +125,8 @@ def settings_from_args(args: argparse.Namespace):
         config = TuckerConfig(**{field: given[opt] for opt, field in CONFIG_FIELDS.items() if opt in given})
     except (TypeError, ValueError) as e:
         raise GreenError(_user_message(e)) from None
-    kwargs = {k: given[k] for k in ("folds", "checkpoint", "configuration", "half", "overwrite", "verify")
-              if k in given}
+    kwargs = {k: given[k] for k in ("folds", "checkpoint", "configuration", "half", "overwrite", "verify",
+                                    "fast_path", "speed_check") if k in given}
     kwargs["progress"] = not args.quiet
     if "distill" in given:
         kwargs["distill"] = {"images": given["distill"], "progress": not args.quiet,
@@ -152,6 +157,14 @@ def main(argv=None) -> int:
               f"({t['params_after'] / t['params_before']:.1%}), MACs {t['macs_before']:,} -> {t['macs_after']:,} "
               f"({t['macs_after'] / t['macs_before']:.1%}) at patch {m['patch_size']}, folds {m['folds']}, "
               f"{t['decomposition_s']:.1f} s")
+        fast = m.get("fast_path")
+        if fast:
+            measured = fast.get("measured")
+            print(f"  fast CPU path: {fast['status']}" + (f" ({fast['reason']})" if fast.get("reason") else "") +
+                  (f"; measured {measured['speedup']:.2f}x faster than dense at input {measured['input_shape']}, "
+                   f"{measured['threads']} threads" if measured else ""))
+            if fast.get("warning"):
+                print(f"{PROG}: warning: {fast['warning']}", file=sys.stderr)
         rec = m.get("recovery")
         if rec:
             print(f"  distilled {rec['steps_done']} steps on {rec['images']} images in {rec['seconds_total']:.0f} s: "

@@ -29,6 +29,7 @@ from torch import nn
 import nnunet_green
 from nnunet_green.contract import (DATASET_FILE, DEFAULT_CHECKPOINT, FINGERPRINT_FILE, MANIFEST_FILE, PLANS_FILE,
                                    PROGRESS_FILE, CompressionManifest, GreenError, write_json_atomic)
+from nnunet_green.compression.fast_path import eager
 from nnunet_green.nnunet_io import ModelFolder, ModelFolderError, find_model_folders, io_channels, publish, sha256
 
 COPIED_FILES = (DATASET_FILE, FINGERPRINT_FILE)
@@ -49,21 +50,25 @@ class CompressionError(GreenError):
 
 def compress_model_folder(src, dst, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
                           configuration: str | None = None, half: bool = False, overwrite: bool = False,
-                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> dict:
+                          progress: bool = False, verify: bool = True, distill: dict | None = None,
+                          fast_path: bool = True, speed_check: bool = True) -> dict:
     """Write a compressed copy of the model folder `src` to `dst` and return its manifest (as written to
     `dst/compression.json`). `config` is a `TuckerConfig` (default: TuckerConfig()). Nothing is written to `src`;
     `dst` appears only when everything succeeded. `distill`: keyword arguments of `distill_model_folder` (at least
-    `images`) to recover accuracy before the folder is published."""
+    `images`) to recover accuracy before the folder is published. `fast_path`: store the fast CPU inference
+    artefact in the checkpoints (fast_folder.py); `speed_check`: time dense vs compressed at the patch size."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     _check_src_dst(src, dst, overwrite)
     ModelFolder(src).check()
     with publish(dst, overwrite) as tmp:
-        return compress_into(src, tmp, config, folds, checkpoint, configuration, half, progress, verify, distill)
+        return compress_into(src, tmp, config, folds, checkpoint, configuration, half, progress, verify, distill,
+                             fast_path, speed_check)
 
 
 def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
                           configuration: str | None = None, half: bool = False, overwrite: bool = False,
-                          progress: bool = False, verify: bool = True, distill: dict | None = None) -> list[dict]:
+                          progress: bool = False, verify: bool = True, distill: dict | None = None,
+                          fast_path: bool = True, speed_check: bool = True) -> list[dict]:
     """Compress every model folder below a weights root (TotalSegmentator's `.../nnunet/results` or an nnU-Net
     results folder) into the same relative layout under `dst`; returns the manifests."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
@@ -78,7 +83,7 @@ def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = D
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 manifests.append(compress_into(folder, target, config, folds, checkpoint, configuration, half,
-                                               progress, verify, distill))
+                                               progress, verify, distill, fast_path, speed_check))
             except GreenError as e:
                 raise CompressionError(f"{folder.relative_to(src)}: {e}") from None
     return manifests
@@ -99,7 +104,7 @@ def compress(src, dst, config=None, **kwargs) -> dict | list[dict]:
 
 def compress_into(src: Path, out: Path, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
                   configuration: str | None = None, half: bool = False, progress: bool = False, verify: bool = True,
-                  distill: dict | None = None) -> dict:
+                  distill: dict | None = None, fast_path: bool = True, speed_check: bool = True) -> dict:
     """The steps for one model folder, written into the (new, empty) folder `out`; returns the manifest."""
     from nnunet_green.compression import TuckerConfig
 
@@ -114,6 +119,14 @@ def compress_into(src: Path, out: Path, config=None, folds=None, checkpoint: str
     manifest.write(out / MANIFEST_FILE)
     if distill is not None:
         manifest.recovery = run_distillation(out, src, distill)  # also recorded in out/compression.json
+    if fast_path:  # after distillation: the artefact must fit the weights that are published
+        from nnunet_green.compression.fast_folder import DEFAULT_SPEED_SECONDS, build_fast_path
+
+        t = result.totals
+        manifest.fast_path = build_fast_path(out, source.folds, source.checkpoint, dense_folder=src,
+                                             speed_seconds=DEFAULT_SPEED_SECONDS if speed_check else None,
+                                             macs=(t["macs_before"], t["macs_after"]))
+        manifest.write(out / MANIFEST_FILE)
     return manifest.to_json()
 
 
@@ -325,7 +338,8 @@ def verify_folder(source: Source, out: Path) -> dict:
         if shape is None:
             shape = (1, compressed.num_input_channels, *_min_input_shape(compressed.configuration_manager))
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        a, b = dense.network.eval()(x), compressed.network.eval()(x).float()
+        with eager():  # the artefact is built later, for the published weights
+            a, b = dense.network.eval()(x), compressed.network.eval()(x).float()
         if not torch.isfinite(b).all():
             raise CompressionError(f"verification failed: fold_{f} gives non-finite outputs")
         diffs[f"fold_{f}"] = float((a - b).norm() / a.norm().clamp_min(1e-12))
@@ -393,7 +407,7 @@ def check_distill_images(images, dataset_json: dict) -> None:
 def run_distillation(out: Path, teacher: Path, settings: dict) -> dict:
     from nnunet_green.recovery import DistillError, distill_model_folder
     try:
-        return distill_model_folder(out, teacher=teacher, **settings)
+        return distill_model_folder(out, teacher=teacher, fast_path=False, **settings)  # compress builds it after
     except DistillError as e:
         raise CompressionError(f"distillation: {e}") from None
 

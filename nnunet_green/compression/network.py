@@ -34,12 +34,20 @@ def TuckerFactorizedNetwork(input_channels: int, num_classes: int, dense_network
     """Build `dense_network_class(input_channels=..., num_classes=..., **dense_arch_kwargs)` and replace the convs
     named in `tucker_ranks` ({canonical name: [r_in, r_out]}) by TuckerConv (structure only, weights arbitrary).
 
-    A factory, not a class: it returns an instance of the dense class, so `network.decoder.deep_supervision`,
-    `network.initialize` and the state-dict keys of untouched layers are exactly those of the dense network.
-    `dense_arch_kwargs` arrive import-resolved (nnU-Net resolves `_kw_requires_import` before calling).
+    A factory, not a class: it returns an instance of the dense class (for PlainConvUNet and ResidualEncoderUNet,
+    of its fast-path subclass, see fast_path.py), so `network.decoder.deep_supervision`, `network.initialize` and
+    the state-dict keys of untouched layers are exactly those of the dense network (plus the optional fast-path
+    artefact). `dense_arch_kwargs` arrive import-resolved (nnU-Net resolves `_kw_requires_import` before calling).
     """
+    from .fast_path import fast_class, say_once
+
     dense_cls = _locate(dense_network_class)
-    net = dense_cls(input_channels=input_channels, num_classes=num_classes, **dense_arch_kwargs)
+    cls = fast_class(dense_cls)
+    if cls is None:
+        cls = dense_cls
+        say_once(f"class:{dense_cls.__name__}", f"no fast CPU path for {dense_cls.__name__} networks (only "
+                 "PlainConvUNet and ResidualEncoderUNet): the compressed network runs eagerly in PyTorch")
+    net = cls(input_channels=input_channels, num_classes=num_classes, **dense_arch_kwargs)
     factorize_structure_(net, {k: tuple(v) for k, v in tucker_ranks.items()})
     return net
 

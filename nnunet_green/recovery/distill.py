@@ -23,6 +23,8 @@ from torch import nn
 
 from nnunet_green.contract import (DEFAULT_CHECKPOINT, MANIFEST_FILE, PLANS_FILE, RECOVERY_DISTILLED,
                                    CompressionManifest)
+from nnunet_green.compression.fast_folder import build_fast_path
+from nnunet_green.compression.fast_path import eager
 from nnunet_green.nnunet_io import LoadedModel, ModelFolder
 from nnunet_green.recovery.record import add_recovery
 from nnunet_green.recovery.patches import CaseCache, check_images, patch_stream, sample_patch, training_patch
@@ -147,7 +149,7 @@ FOLD_KEYS = ("loss_before", "loss_after", "heldout_rel_error_before", "heldout_r
 
 
 def distill_model_folder(folder, images, settings: DistillSettings | None = None, *, teacher=None, device="cpu",
-                         folds=None, progress: bool = True, **overrides) -> dict:
+                         folds=None, progress: bool = True, fast_path: bool = True, **overrides) -> dict:
     """Distil the dense teacher into the compressed model folder `folder` on the unlabelled `images`, replace its
     checkpoint(s) and return the "recovery" record written to its compression.json.
 
@@ -155,7 +157,8 @@ def distill_model_folder(folder, images, settings: DistillSettings | None = None
     `teacher` (default: the source recorded in compression.json), `device` and `folds` (default: all compressed
     folds) say with what. With more than one image, `heldout_fraction` of them (at least one) are never trained on
     and give the held-out error before/after; with a single image the held-out patches come from it (recorded).
-    Bad input raises DistillError (a GreenError) before anything is written.
+    Bad input raises DistillError (a GreenError) before anything is written. `fast_path`: rebuild the fast CPU
+    inference artefact of the distilled folds (the old one no longer fits their weights).
     """
     t_start = time.perf_counter()
     cfg = (settings or DistillSettings()).replace(**overrides).check()
@@ -174,8 +177,9 @@ def distill_model_folder(folder, images, settings: DistillSettings | None = None
         check_compatible(student, teach)
         if f == folds[0]:
             training_patch(student.configuration_manager, cfg.patch_size)  # bad --patch-size: fail before training
-        per_fold[f"fold_{f}"], trained[f] = distill_fold(student, teach, cases, cfg, device, progress,
-                                                         label=f"distill fold {f}")
+        with eager():  # the student's artefact is stale while it learns: evaluate it eagerly, silently
+            per_fold[f"fold_{f}"], trained[f] = distill_fold(student, teach, cases, cfg, device, progress,
+                                                             label=f"distill fold {f}")
         del student, teach
     for f, network in trained.items():
         save_weights(student_folder, f, checkpoint, network)
@@ -188,7 +192,10 @@ def distill_model_folder(folder, images, settings: DistillSettings | None = None
         record[k] = next(iter(vals.values())) if len(vals) == 1 else vals
     record["seconds_total"] = round(time.perf_counter() - t_start, 2)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    add_recovery(manifest, record).write(student_folder.path / MANIFEST_FILE)
+    add_recovery(manifest, record)
+    if fast_path:
+        manifest.fast_path = build_fast_path(student_folder.path, folds, checkpoint)
+    manifest.write(student_folder.path / MANIFEST_FILE)
     return manifest.recovery
 
 
