@@ -21,8 +21,9 @@ forwards (sliding-window bookkeeping, the next case's preprocessing), after the 
 logits back, argmax, export, TotalSegmentator's post-processing). TotalSegmentator's own "... in N s" stage lines
 are kept too.
 
-Also (unless --no-parts): the compressed folder predicted by stock `nnUNetv2_predict ... -num_parts 2 -part_id i`,
-the two parts one after the other, and checked that together they wrote every case once.
+With --parts also: the compressed folder predicted by stock `nnUNetv2_predict ... -num_parts 2 -part_id i`, the two
+parts one after the other, checked that together they wrote every case once and recording which inference path each
+part reported (tests/test_compress_cli.py checks the same on the Hippocampus model in CI).
 
 Writes <out>/end_to_end_cpu.json and .md (evaluation.experiment.write_result); prints each target as MET/MISS.
 """
@@ -198,7 +199,7 @@ def check_parts(compressed_folder: Path, images: Path, work: Path) -> dict:
     env = dict(os.environ, nnUNet_results=str(results), nnUNet_raw=str(work / "raw"),
                nnUNet_preprocessed=str(work / "preprocessed"))
     out = work / "out_parts"
-    walls = []
+    walls, said = [], []
     for part in (0, 1):
         log(f"  nnUNetv2_predict -num_parts 2 -part_id {part} on the compressed folder")
         cmd = ["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", dataset, "-tr", trainer, "-p", plans,
@@ -209,10 +210,12 @@ def check_parts(compressed_folder: Path, images: Path, work: Path) -> dict:
         walls.append(time.perf_counter() - t0)
         if proc.returncode != 0:
             raise RuntimeError(f"nnUNetv2_predict part {part} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        said.append(sorted({s.strip() for s in (proc.stdout + proc.stderr).splitlines()
+                            if s.startswith(PACKAGE_LOG_PREFIX)}))
     written = sorted(p.name[:-len(".nii.gz")] for p in out.glob("*.nii.gz"))
     ok = written == sorted(CTS_1_5MM)
     return {"command": " ".join(cmd[:-1]) + " {0,1}", "wall_s": walls, "cases_written": written,
-            "all_cases_once": ok}
+            "all_cases_once": ok, "package_log": said}
 
 
 # ------------------------------------------------------------------ summaries
@@ -307,6 +310,9 @@ def markdown(result: dict) -> str:
               f"Parts ran one after the other ({', '.join(f'{w:.1f} s' for w in p['wall_s'])}); cases written: "
               f"{', '.join(p['cases_written'])} - every case exactly once: {'yes' if p['all_cases_once'] else '**no**'}.",
               ""]
+        for part, lines in enumerate(p["package_log"]):
+            L.append(f"- part {part}: " + (" / ".join(f"`{x}`" for x in lines) or "the package said nothing"))
+        L.append("")
     L += ["## Targets", "", "| target | value | met |", "|---|---|---|"]
     for t in result["targets"]:
         L.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
@@ -339,7 +345,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", choices=("low-rank", "random"), default="low-rank",
                     help="random weights projected to multilinear rank 8 (exact factorization; default) or plain")
     ap.add_argument("--only", choices=("totalsegmentator", "predict"), default=None, help="run one scenario only")
-    ap.add_argument("--no-parts", dest="parts", action="store_false", help="skip the -num_parts 2 check")
+    ap.add_argument("--parts", action="store_true", help="also predict with stock nnUNetv2_predict -num_parts 2 "
+                                                          "(two parts, one after the other) and check the cases")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary folder, removed afterwards)")
     ap.add_argument("--machine-label", default="2-core CPU dev machine, no GPU, shared with other jobs")
     args = ap.parse_args(argv)
