@@ -195,13 +195,13 @@ def markdown(result: dict) -> str:
          "forward; ONNX Runtime's arena is allocated in its first (warm-up) call and reused.", ""]
     for block in result["runs"]:
         L += [f"## {block['threads']} thread(s): {block['warmup']} warm-up + {block['repeats']} timed rounds", "",
-              "| variant | median | min - max | peak RSS rise | compressed faster by (ratio of medians; paired "
-              "min - max) |", "|---|---|---|---|---|"]
+              "| variant | median | min - max | peak RSS rise | compressed faster by: ratio of medians (per-round "
+              "ratios: median, min - max) |", "|---|---|---|---|---|"]
         for name in VARIANTS:
             v = block["variants"][name]
             sp = block["speedups"].get(name)
-            ratio = (f"**{sp['ratio_of_medians']:.2f}x** ({sp['paired_min']:.2f} - {sp['paired_max']:.2f})"
-                     if sp else "-")
+            ratio = (f"**{sp['ratio_of_medians']:.2f}x** ({sp['paired_median']:.2f}, {sp['paired_min']:.2f} - "
+                     f"{sp['paired_max']:.2f})" if sp else "-")
             mem = "-" if v["peak_rss_increase_mb"] is None else f"{v['peak_rss_increase_mb']:.0f} MB"
             L.append(f"| {LABELS[name]} | {v['median_s']:.2f} s | {v['min_s']:.2f} - {v['max_s']:.2f} s | {mem} "
                      f"| {ratio} |")
