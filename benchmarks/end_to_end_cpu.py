@@ -14,8 +14,9 @@ disagreement points at the inference path, not at the approximation. Speed does 
 `--weights random` keeps plain random weights (agreement then measures the approximation on meaningless weights).
 
 Each run is a child process: `benchmarks/timed_cli.py` runs the console script's own entry point and logs when the
-network's forwards ran; peak memory is the child's ru_maxrss (os.wait4: the largest resident set of the process or
-of any worker process it waited for). From the forward log the wall time splits into: before the first forward
+network's forwards ran, and its own peak resident memory (VmHWM) - the process that runs the network; the largest
+peak of its worker processes (preprocessing, export) is recorded beside it. (The ru_maxrss a parent gets from
+wait4 would not do: Linux counts the launching process's memory at fork into the child's maximum.) From the forward log the wall time splits into: before the first forward
 (interpreter start, imports, model load, reading and preprocessing the first image), network forwards, between
 forwards (sliding-window bookkeeping, the next case's preprocessing), after the last forward (resampling the
 logits back, argmax, export, TotalSegmentator's post-processing). TotalSegmentator's own "... in N s" stage lines
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_green.contract import MANIFEST_FILE
 from nnunet_green.evaluation import interleaved, machine_info
 from nnunet_green.evaluation.experiment import write_result
 
@@ -77,6 +79,24 @@ def dense_weights(plans: dict, dataset: dict, weights: str, seed: int = 0) -> di
 
 
 def make_models(work: Path, ratio: float, weights: str) -> dict:
+    """Dense and compressed TS-3mm root and TS-1.5mm folder under `work`; reused when a previous run with the same
+    --work left them complete (the compressed ones are published atomically)."""
+    from nnunet_green.testing import totalseg
+
+    comp15 = work / "ts15_compressed" / totalseg.ORGANS_TASK_FOLDER / totalseg.MODEL_FOLDER
+    comp3 = work / "ts3mm_compressed" / totalseg.TASK_FOLDER / totalseg.MODEL_FOLDER
+    if (comp15 / MANIFEST_FILE).is_file() and (comp3 / MANIFEST_FILE).is_file():
+        log(f"reusing the model folders in {work}")
+        man = {k: dict(json.loads((f / MANIFEST_FILE).read_text()), compress_wall_s=None) for k, f in
+               (("ts3mm", comp3), ("ts15", comp15))}
+        return {"ts3mm": {"dense": work / "ts3mm_dense", "compressed": work / "ts3mm_compressed",
+                          "manifest": man["ts3mm"]},
+                "ts15": {"dense": work / "ts15_dense" / totalseg.ORGANS_TASK_FOLDER / totalseg.MODEL_FOLDER,
+                         "compressed": comp15, "manifest": man["ts15"]}}
+    return build_models(work, ratio, weights)
+
+
+def build_models(work: Path, ratio: float, weights: str) -> dict:
     from nnunet_green.compression import TuckerConfig
     from nnunet_green.compression.model_folder import compress_model_folder, compress_weights_root
     from nnunet_green.testing import totalseg
@@ -112,14 +132,14 @@ def run_timed(script: str, args: list, env: dict, log_dir: Path, tag: str) -> di
     proc = subprocess.Popen(cmd, env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = [(time.time() - t_start, line.rstrip("\n")) for line in proc.stdout]
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     t_end = time.time()
     (log_dir / f"{tag}.log").write_text("".join(f"{t:7.2f} {s}\n" for t, s in lines))
     if proc.returncode != 0:
         tail = "\n".join(s for _, s in lines[-15:])
         raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{tail}")
-    calls = json.loads(forwards_json.read_text())["calls"]
+    record = json.loads(forwards_json.read_text())
+    calls = record["calls"]
     wall = t_end - t_start
     fwd = [e - s for s, e in calls]
     parts = {"before_first_forward_s": (calls[0][0] - t_start) if calls else wall,
@@ -128,7 +148,8 @@ def run_timed(script: str, args: list, env: dict, log_dir: Path, tag: str) -> di
              "after_last_forward_s": (t_end - calls[-1][1]) if calls else 0.0}
     stages = [{"stage": m.group(1), "s": float(m.group(2))} for _, s in lines if (m := STAGE_LINE.match(s))]
     package_lines = sorted({s.strip() for _, s in lines if s.startswith(PACKAGE_LOG_PREFIX)})
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "n_forwards": len(fwd),
+    return {"wall_s": wall, "peak_rss_mb": record["peak_rss_mb"], "workers_peak_rss_mb": record["workers_peak_rss_mb"],
+            "n_forwards": len(fwd),
             "forward_median_s": statistics.median(fwd) if fwd else None, **parts, "stages": stages,
             "package_log": package_lines}
 
@@ -240,7 +261,7 @@ def summarize(runs: dict, agree: dict, command: str) -> dict:
     d, c = [r["wall_s"] for r in runs["dense"]], [r["wall_s"] for r in runs["compressed"]]
     paired = [a / b for a, b in zip(d, c)]
     keys = ("wall_s", "before_first_forward_s", "forwards_s", "between_forwards_s", "after_last_forward_s",
-            "peak_rss_mb")
+            "peak_rss_mb", "workers_peak_rss_mb")
     return {"command": command, "runs": runs,
             "median": {k: {key: med(k, key) for key in keys} for k in runs},
             "speedup": statistics.median(d) / statistics.median(c), "speedup_paired_min": min(paired),
@@ -285,8 +306,10 @@ def markdown(result: dict) -> str:
             ratio = f"{md[k] / mc[k]:.2f}x" if mc[k] > 0.05 else "-"
             L.append(f"| {label} | {md[k]:.1f} s ({md[k] / md['wall_s']:.0%}) | {mc[k]:.1f} s "
                      f"({mc[k] / mc['wall_s']:.0%}) | {ratio} |")
-        L.append(f"| peak RSS of the prediction process tree (median) | {md['peak_rss_mb']:.0f} MB "
+        L.append(f"| peak RSS of the CLI process (runs the network; median) | {md['peak_rss_mb']:.0f} MB "
                  f"| {mc['peak_rss_mb']:.0f} MB | {1 / s['peak_rss_ratio']:.2f}x |")
+        L.append(f"| largest peak RSS of its worker processes (median) | {md['workers_peak_rss_mb']:.0f} MB "
+                 f"| {mc['workers_peak_rss_mb']:.0f} MB | |")
         r0 = s["runs"]["dense"][0]
         L += ["", f"Forwards per run: {r0['n_forwards']}; median forward dense "
                   f"{statistics.median(r['forward_median_s'] for r in s['runs']['dense']):.2f} s, compressed "

@@ -5,13 +5,17 @@ exactly as its wrapper does (`sys.exit(entry_point())`), and record when the out
     python benchmarks/timed_cli.py FORWARDS.json CONSOLE_SCRIPT [ARGS ...]
 
 FORWARDS.json gets {"calls": [[start, end], ...]} in time.time() seconds: one pair per top-level module call (the
-network's forward on each sliding-window tile; calls nested inside it are not counted again). Global module hooks
+network's forward on each sliding-window tile; calls nested inside it are not counted again), "peak_rss_mb": this
+process's own peak resident memory (VmHWM: it starts afresh at exec, so unlike the ru_maxrss a parent gets from
+wait4 it does not include the launching process's memory), and "workers_peak_rss_mb": the largest ru_maxrss of the
+worker processes it waited for (each includes this process's resident memory at the moment it was started). Global module hooks
 cost microseconds per module call, nothing against a forward of seconds. Used by end_to_end_cpu.py to split a CLI's
 wall time into network forwards and the rest.
 """
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from importlib.metadata import entry_points
@@ -46,8 +50,11 @@ def main() -> int:
     try:
         return ep.load()()
     finally:
+        from nnunet_green.evaluation import peak_rss_mb
+
         with open(log_path, "w") as f:
-            json.dump({"calls": [c for c in clock.calls if c[1] is not None]}, f)
+            json.dump({"calls": [c for c in clock.calls if c[1] is not None], "peak_rss_mb": peak_rss_mb(),
+                       "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}, f)
 
 
 if __name__ == "__main__":  # guarded: nnU-Net's spawned worker processes import this file again
