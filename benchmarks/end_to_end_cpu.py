@@ -123,6 +123,11 @@ def build_models(work: Path, ratio: float, weights: str) -> dict:
 
 # ------------------------------------------------------------------ one timed CLI run
 
+def package_said(lines) -> list[str]:
+    """The package's own log lines (which inference path ran); a progress bar may share the line."""
+    return sorted({s[s.index(PACKAGE_LOG_PREFIX):].strip() for s in lines if PACKAGE_LOG_PREFIX in s})
+
+
 def run_timed(script: str, args: list, env: dict, log_dir: Path, tag: str) -> dict:
     """One CLI run in a child process: wall time, peak RSS of the process tree, forward log, output lines."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +152,7 @@ def run_timed(script: str, args: list, env: dict, log_dir: Path, tag: str) -> di
              "between_forwards_s": (calls[-1][1] - calls[0][0] - sum(fwd)) if calls else 0.0,
              "after_last_forward_s": (t_end - calls[-1][1]) if calls else 0.0}
     stages = [{"stage": m.group(1), "s": float(m.group(2))} for _, s in lines if (m := STAGE_LINE.match(s))]
-    package_lines = sorted({s.strip() for _, s in lines if s.startswith(PACKAGE_LOG_PREFIX)})
+    package_lines = package_said(s for _, s in lines)
     return {"wall_s": wall, "peak_rss_mb": record["peak_rss_mb"], "workers_peak_rss_mb": record["workers_peak_rss_mb"],
             "n_forwards": len(fwd),
             "forward_median_s": statistics.median(fwd) if fwd else None, **parts, "stages": stages,
@@ -231,8 +236,7 @@ def check_parts(compressed_folder: Path, images: Path, work: Path) -> dict:
         walls.append(time.perf_counter() - t0)
         if proc.returncode != 0:
             raise RuntimeError(f"nnUNetv2_predict part {part} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
-        said.append(sorted({s.strip() for s in (proc.stdout + proc.stderr).splitlines()
-                            if s.startswith(PACKAGE_LOG_PREFIX)}))
+        said.append(package_said((proc.stdout + proc.stderr).splitlines()))
     written = sorted(p.name[:-len(".nii.gz")] for p in out.glob("*.nii.gz"))
     ok = written == sorted(CTS_1_5MM)
     return {"command": " ".join(cmd[:-1]) + " {0,1}", "wall_s": walls, "cases_written": written,
