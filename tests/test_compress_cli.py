@@ -58,7 +58,8 @@ def compressed_full(dense, compressed):
     c100 = compressed["root"] / "c100" / FOLDER
     c100.mkdir(parents=True)
     (c100 / "stale.txt").write_text("replaced by --overwrite")
-    run_cli("nnunet-green-compress", "-i", dense, "-o", c100, "--rank-ratio", 1.0, "--half", "--overwrite", "-q")
+    run_cli("nnunet-green-compress", "-i", dense, "-o", c100, "--rank-ratio", 1.0, "--half", "--overwrite", "-q",
+            "--no-speed-check")
     return c100
 
 
@@ -66,7 +67,7 @@ def compressed_full(dense, compressed):
 def compressed_exact(dense, compressed):
     """Rank 1.0 in fp32: an exact re-parametrisation of the dense model."""
     out = compressed["root"] / "c100_fp32" / FOLDER
-    run_cli("nnunet-green-compress", "-i", dense, "-o", out, "--rank-ratio", 1.0, "-q")
+    run_cli("nnunet-green-compress", "-i", dense, "-o", out, "--rank-ratio", 1.0, "-q", "--no-speed-check")
     return out
 
 
@@ -410,7 +411,7 @@ def test_budgeted_ranks_are_shared_across_folds(dense, tmp_path):
                              and v.numel() > 1 else v for k, v in ck["network_weights"].items()}
     (src / "fold_1").mkdir()
     torch.save(ck, src / "fold_1" / "checkpoint_final.pth")
-    m = compress_model_folder(src, tmp_path / "out" / FOLDER, TuckerConfig(budget=0.15))
+    m = compress_model_folder(src, tmp_path / "out" / FOLDER, TuckerConfig(budget=0.15), speed_check=False)
     assert m["folds"] == ["0", "1"] and m["config"]["budget"] == 0.15
     factorized = [lay for lay in m["layers"] if lay["factorized"]]
     assert factorized and all(set(lay["rel_error"]) == {"fold_0", "fold_1"} for lay in factorized)
@@ -443,7 +444,7 @@ def test_killed_run_leaves_no_output_and_the_next_run_removes_its_temporary(tmp_
     stale = leftovers(out)
     assert len(stale) == 1 and stale[0].startswith(f".{out.name}.tmp-")
 
-    run_cli("nnunet-green-compress", "-i", src, "-o", out, "--rank-ratio", 0.25, "-q")
+    run_cli("nnunet-green-compress", "-i", src, "-o", out, "--rank-ratio", 0.25, "-q", "--no-speed-check")
     assert leftovers(out) == []
     assert sorted(p.name for p in out.iterdir()) == ["compression.json", "dataset.json", "fold_0", "plans.json"]
     assert (out / "fold_0" / "checkpoint_final.pth").is_file()
@@ -479,28 +480,20 @@ def test_export_to_zip_install_and_predict(hippocampus, compressed, bench_run, t
     np.testing.assert_array_equal(read_seg(pred / name), read_seg(in_place))
 
 
-def _edit_artefact(folder: Path, how: str) -> None:
-    """strip: the checkpoint of a folder written before the fast path; stale: the artefact claims other weights
-    (its recorded fingerprint changed: what a fine-tune or hand edit of the weights looks like to the check)."""
-    from nnunet_green.compression.fast_path import ARTEFACT_KEY, META_FINGERPRINT
+def _strip_artefact(folder: Path) -> None:
+    """The checkpoint as a folder written before the fast path has it."""
+    from nnunet_green.compression.fast_path import ARTEFACT_KEY
 
     path = folder / "fold_0" / "checkpoint_final.pth"
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    if how == "strip":
-        del ck["network_weights"][ARTEFACT_KEY]
-    else:
-        import onnx
-        model = onnx.load_model_from_string(ck["network_weights"][ARTEFACT_KEY].numpy().tobytes())
-        entry = next(p for p in model.metadata_props if p.key == META_FINGERPRINT)
-        entry.value = "0" * 64
-        ck["network_weights"][ARTEFACT_KEY] = torch.frombuffer(bytearray(model.SerializeToString()), dtype=torch.uint8)
+    del ck["network_weights"][ARTEFACT_KEY]
     torch.save(ck, path)
 
 
-def test_stock_predict_fast_path_in_two_parts_and_without_or_with_a_stale_artefact(hippocampus, compressed, tmp_path):
+def test_stock_predict_fast_path_in_two_parts_and_without_the_artefact(hippocampus, compressed, tmp_path):
     """The stock CLIs on the compressed folder: nnUNetv2_predict -num_parts 2 -part_id 0/1 (two processes, no shared
-    cache) runs the fast CPU path; nnUNetv2_predict_from_modelfolder on copies with the artefact stripped or stale
-    runs the eager network, says why once, and writes the same segmentations."""
+    cache) runs the fast CPU path; nnUNetv2_predict_from_modelfolder on a copy with the artefact stripped runs the
+    eager network, says why once, and writes the same segmentations (>= 99.99 % of voxels). (A stale artefact: tests/test_fast_path.py.)"""
     m = json.loads((compressed["c012"] / "compression.json").read_text())
     assert m["fast_path"]["status"] == "built" and m["fast_path"]["folds"]["fold_0"]["status"] == "built"
     assert m["fast_path"]["measured"]["fast_path_used"] is True and m["fast_path"]["measured"]["speedup"] > 0
@@ -516,14 +509,36 @@ def test_stock_predict_fast_path_in_two_parts_and_without_or_with_a_stale_artefa
     cases = sorted(p.name for p in parts.glob("*.nii.gz"))
     assert len(cases) == len(list(hippocampus.test_images.glob("*_0000.nii.gz"))) == 2
 
-    for how, said in (("strip", "no fast-path artefact"), ("stale", "built for other weights")):
-        folder = tmp_path / how / FOLDER
-        shutil.copytree(compressed["c012"], folder)
-        _edit_artefact(folder, how)
-        pred = tmp_path / f"pred_{how}"
-        proc = run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", folder,
-                       "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1, "--disable_tta",
-                       env=hippocampus.env())
-        assert proc.stderr.count(said) == 1 and "fast CPU path: ONNX" not in proc.stderr, proc.stderr[-2000:]
-        for name in cases:
-            np.testing.assert_array_equal(read_seg(pred / name), read_seg(parts / name))
+    stripped = tmp_path / "stripped" / FOLDER
+    shutil.copytree(compressed["c012"], stripped)
+    _strip_artefact(stripped)
+    pred = tmp_path / "pred_stripped"
+    proc = run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", stripped,
+                   "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1, "--disable_tta",
+                   env=hippocampus.env())
+    assert proc.stderr.count("no fast-path artefact") == 1 and "fast CPU path: ONNX" not in proc.stderr
+    for name in cases:
+        # the same segmentation up to voxels whose top two logits tie within float32 rounding (the graph runtime
+        # sums in another order): issue 12's bar, argmax agreement >= 0.9999
+        assert (read_seg(pred / name) == read_seg(parts / name)).mean() >= 0.9999, name
+
+
+def test_fast_path_exact_on_real_hippocampus_images(hippocampus, compressed):
+    """The real trained model, compressed by the CLI, on the real held-out MRIs (z-scored as nnU-Net does, cropped
+    or zero-padded to the patch): fast vs eager logits."""
+    import SimpleITK as sitk
+
+    from nnunet_green.compression.fast_export import MAX_REL_LOGIT_DIFF, MIN_ARGMAX_AGREEMENT, compare_paths
+    from nnunet_green.nnunet_io import ModelFolder
+
+    loaded = ModelFolder(compressed["c012"]).load("0")
+    shape = (1, 1, *loaded.configuration_manager.patch_size)
+    for case in sorted(hippocampus.test_images.glob("*_0000.nii.gz")):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(case))).astype(np.float32)
+        image = (image - image.mean()) / max(float(image.std()), 1e-8)
+        x = np.zeros(shape[2:], np.float32)  # zero-padded / cropped to the patch, as the predictor pads
+        crop = tuple(slice(0, min(a, b)) for a, b in zip(x.shape, image.shape))
+        x[crop] = image[crop]
+        check = compare_paths(loaded.network, torch.from_numpy(x)[None, None])
+        assert check["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT, (case.name, check)
+        assert check["max_rel_logit_diff"] <= MAX_REL_LOGIT_DIFF, (case.name, check)

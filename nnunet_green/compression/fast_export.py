@@ -117,7 +117,7 @@ def install_artefact_(net: torch.nn.Module, input_shape, seed: int = 0) -> dict:
             "check": {"input": "random normal", **check}}
 
 
-def measure_speedup(dense: torch.nn.Module, compressed: torch.nn.Module, input_shape, repeats: int = 3,
+def measure_speedup(dense: torch.nn.Module, compressed: torch.nn.Module, input_shape, repeats: int = 2,
                     max_seconds: float = 60.0) -> dict:
     """Median forward seconds of the dense eager network and of the compressed one as the stock predictor runs it
     (inference_mode: the fast path where it applies), interleaved dense, compressed, ...; the first round is a

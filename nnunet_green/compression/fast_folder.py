@@ -59,7 +59,6 @@ def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, de
     or stale); returns the "fast_path" record. Without onnx/onnxruntime or for a network class without a fast path
     the record says so and nothing is written. `speed_seconds=None` skips the speed measurement."""
     from .fast_export import ArtefactError, install_artefact_, measure_speedup
-    from .fast_path import eager
 
     folder = ModelFolder(folder)
     folds = [str(f) for f in (folds or folder.folds(checkpoint))]
@@ -73,8 +72,7 @@ def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, de
     record["runtime"] = f"onnxruntime {onnxruntime.__version__}"
     loaded = None
     for f in folds:
-        with eager():
-            loaded = folder.load(f, checkpoint, what="compressed model")
+        loaded = folder.load(f, checkpoint, what="compressed model")
         status = fold_status(loaded)
         if status == "unsupported":
             record.update(status="unsupported", reason=f"no fast CPU path for {type(loaded.network).__name__}")
@@ -95,12 +93,10 @@ def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, de
                                        "model": "multiply-add ratio dense / compressed at the plans' patch size "
                                                 "(arithmetic only: it ignores the non-conv work and the runtime)"}
     if dense_folder is not None and speed_seconds is not None and loaded is not None:
-        with eager():
-            dense = ModelFolder(dense_folder).load(folds[-1], checkpoint, what="dense model").network
-        compressed = folder.load(folds[-1], checkpoint, what="compressed model").network
-        speed = measure_speedup(dense, compressed, fold_input_shape(loaded), max_seconds=speed_seconds)
-        speed["fold"] = folds[-1]
-        speed["fast_path_used"] = fold_status(folder.load(folds[-1], checkpoint)) == "ok"
+        # the last fold as loaded above, its artefact in place: what the predictor runs
+        dense = ModelFolder(dense_folder).load(loaded.fold, checkpoint, what="dense model").network
+        speed = measure_speedup(dense, loaded.network, fold_input_shape(loaded), max_seconds=speed_seconds)
+        speed.update(fold=loaded.fold, fast_path_used=fold_status(loaded) == "ok")
         record["measured"] = speed
         if speed["speedup"] < 1.0:
             record["warning"] = slower_warning(speed)
@@ -150,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")
-    from .fast_path import eager
-
     try:
         folder = ModelFolder(args.folder).check()
         if not folder.is_compressed:
@@ -159,9 +153,7 @@ def main(argv=None) -> int:
         folds = [str(f) for f in (args.folds or folder.folds(args.checkpoint))]
         if args.check:
             for f in folds:
-                with eager():
-                    loaded = folder.load(f, args.checkpoint)
-                print(f"fold_{f}: {fold_status(loaded)}")
+                print(f"fold_{f}: {fold_status(folder.load(f, args.checkpoint))}")
             return EXIT_OK
         record = build_fast_path(folder.path, folds, args.checkpoint, only_if_needed=not args.force)
     except GreenError as e:

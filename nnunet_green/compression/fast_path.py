@@ -116,9 +116,19 @@ def _call_reason(module, x: torch.Tensor) -> tuple[str, str, int] | None:
         return "dtype", f"{x.dtype} input: the eager network runs (the fast path is float32)", info
     if getattr(module.decoder, "deep_supervision", False):
         return "deep_supervision", "deep supervision on: the eager network runs", info
+    if _has_hooks(module):
+        return "hooks", "forward hooks on the network's layers: the eager network runs (the hooks see every layer)", info
     if not GreenSettings.from_env().fast_path:
         return "disabled", "fast CPU path disabled by nnUNet_green_fast_path=0: the eager network runs", info
     return None
+
+
+def _has_hooks(module) -> bool:
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
 
 
 def artefact_status(module) -> tuple[str, str, object]:
@@ -149,7 +159,8 @@ def artefact_input_shape(session) -> tuple[int, ...]:
 
 def fast_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     """The logits from the ONNX Runtime session, or None when the eager network must run (reason logged once)."""
-    if _EAGER.get() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if (_EAGER.get() or type(x) is not torch.Tensor  # fake/meta tensors of shape propagation (count_macs)
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
         return None
     reason = _call_reason(module, x)
     if reason is not None:
