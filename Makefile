@@ -24,7 +24,7 @@ test: install
 
 # Benchmarks write JSON + markdown into bench_out/; docs/results/ holds copies of recorded runs.
 # compression_cpu: TS-1.5mm forward at 128^3, dense / dense ONNX Runtime / compressed, 2 and 1 threads, one
-# interleaved run (11 min on the shared 2-core CPU, 2.5 min of it compressing).
+# interleaved run (7-11 min on the shared 2-core CPU, 1.7-2.5 min of it compressing).
 bench: install
 	$(PY) benchmarks/compression_cpu.py --out bench_out
 	$(PY) benchmarks/compression_accuracy.py --out bench_out
