@@ -16,7 +16,8 @@ disagreement points at the inference path, not at the approximation. Speed does 
 Each run is a child process: `benchmarks/timed_cli.py` runs the console script's own entry point and logs when the
 network's forwards ran, and its own peak resident memory (VmHWM) - the process that runs the network; the largest
 peak of its worker processes (preprocessing, export) is recorded beside it. (The ru_maxrss a parent gets from
-wait4 would not do: Linux counts the launching process's memory at fork into the child's maximum.) From the forward log the wall time splits into: before the first forward
+wait4 would not do: Linux counts the launching process's memory at fork into the child's maximum.) From the
+forward log the wall time splits into: before the first forward
 (interpreter start, imports, model load, reading and preprocessing the first image), network forwards, between
 forwards (sliding-window bookkeeping, the next case's preprocessing), after the last forward (resampling the
 logits back, argmax, export, TotalSegmentator's post-processing). TotalSegmentator's own "... in N s" stage lines
