@@ -179,10 +179,15 @@ def to_patch(image: np.ndarray, shape) -> torch.Tensor:
 
 
 @requires(TOTALSEG_EXAMPLE)
-def test_exact_on_a_real_ct_crop(tmp_path):
-    """A TotalSegmentator-shaped compressed model (random weights) on a real 1.5 mm chest CT crop, CT-normalised
-    with the plans' intensity statistics."""
+def test_rebuild_cli_and_exact_on_a_real_ct_crop(tmp_path, capsys):
+    """A TotalSegmentator-shaped model (random weights) compressed without the artefact, given one by
+    `nnunet-green-fastpath`, then fast vs eager on a real 1.5 mm chest CT crop, CT-normalised with the plans'
+    intensity statistics."""
+    import json
+
     import SimpleITK as sitk
+
+    from nnunet_green.compression import fast_folder
 
     from nnunet_green.compression.model_folder import compress_model_folder
     from nnunet_green.nnunet_io import ModelFolder
@@ -193,8 +198,13 @@ def test_exact_on_a_real_ct_crop(tmp_path):
     plans = ts_old_format_plans()  # 3 stages, 8-32 features, patch 32x64x64
     dense = random_model_folder(tmp_path / "dense", dataset, plans=plans)
     out = tmp_path / "c012"
-    manifest = compress_model_folder(dense, out, TuckerConfig(rank_ratio=0.12), speed_check=False)
-    assert manifest["fast_path"]["status"] == "built"
+    manifest = compress_model_folder(dense, out, TuckerConfig(rank_ratio=0.12), fast_path=False)
+    assert manifest["fast_path"] is None
+    # added afterwards by the rebuild CLI, as for a folder from before the fast path
+    assert fast_folder.main([str(out), "--check"]) == 0 and capsys.readouterr().out == "fold_0: missing\n"
+    assert fast_folder.main([str(out)]) == 0 and capsys.readouterr().out == "fold_0: built\n"
+    assert fast_folder.main([str(out), "--check"]) == 0 and capsys.readouterr().out == "fold_0: ok\n"
+    assert json.loads((out / "compression.json").read_text())["fast_path"]["status"] == "built"
     loaded = ModelFolder(out).load("0")
     props = plans["foreground_intensity_properties_per_channel"]["0"]
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(TOTALSEG_EXAMPLE / "pulmonary_report" / "ct_cropped.nii.gz")))
