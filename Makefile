@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NNUNET_GREEN_DATA ?= $(abspath ../shared/data)
 export NNUNET_GREEN_DATA
 
-.PHONY: install test bench bench-recovery bench-gpu-training bench-stopping bench-light demo clean
+.PHONY: install test bench bench-e2e bench-gpu-inference bench-recovery bench-gpu-training bench-stopping bench-light demo clean
 
 install: $(VENV)/.installed
 
@@ -23,9 +23,20 @@ test: install
 	$(PY) -m pytest -q --durations=20 tests
 
 # Benchmarks write JSON + markdown into bench_out/; docs/results/ holds copies of recorded runs.
+# compression_cpu: TS-1.5mm forward at 128^3, dense / dense ONNX Runtime / compressed, 2 and 1 threads, one
+# interleaved run (7-11 min on the shared 2-core CPU, 1.7-2.5 min of it compressing).
 bench: install
 	$(PY) benchmarks/compression_cpu.py --out bench_out
 	$(PY) benchmarks/compression_accuracy.py --out bench_out
+
+# End to end: real TotalSegmentator --fast and nnUNetv2_predict_from_modelfolder, dense vs compressed folder, on the
+# real CTs in $(NNUNET_GREEN_DATA)/totalsegmentator_example; wall time, peak memory, where the time goes.
+bench-e2e: install
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/end_to_end_cpu.py --out bench_out
+
+# Dense vs compressed TS-1.5mm forward on one CUDA GPU, fp32 and AMP fp16 (exits 2 without CUDA).
+bench-gpu-inference: install
+	$(PY) benchmarks/gpu_inference.py -o bench_out/gpu_inference
 
 # Accuracy recovery evidence (docs/results/recovery.md): trains a dense Hippocampus model, then compresses, distils,
 # fine-tunes and scores (also at an equal multiply-add budget); then the TotalSegmentator-shaped model.

@@ -401,6 +401,21 @@ def test_interleaved_timing_rotates_the_order():
         interleaved({"a": run("a")}, repeats=0)
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_rss_is_resettable_per_measurement():
+    from nnunet_green.evaluation import peak_rss_mb, reset_peak_rss, rss_mb
+
+    reset_peak_rss()
+    before = rss_mb()
+    block = np.ones(200 * 2 ** 20, dtype=np.uint8)  # 200 MB, touched
+    peak_with = peak_rss_mb()
+    del block
+    reset_peak_rss()
+    peak_after = peak_rss_mb()
+    assert peak_with >= before + 150
+    assert peak_after < peak_with - 150  # the peak restarted from the RSS without the block
+
+
 def test_dice_scores_and_summary():
     from nnunet_green.evaluation import DiceError, dice_scores, foreground_labels, summarize
 

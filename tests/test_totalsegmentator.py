@@ -19,24 +19,10 @@ from conftest import TOTALSEG_EXAMPLE, requires, run_cli
 pytest.importorskip("totalsegmentator")
 
 from nnunet_green.testing.totalseg import (MODEL_FOLDER, TASK_FOLDER, build_network, offline_env,  # noqa: E402
-                                           ts_dataset_json, ts_old_format_plans, write_model_folder)
+                                           project_to_low_rank_, ts_dataset_json, ts_old_format_plans,
+                                           write_model_folder)
 
 CT = TOTALSEG_EXAMPLE / "example_ct_sm.nii.gz"
-
-
-@torch.no_grad()
-def project_to_low_rank_(net, rank):
-    """Give every spatial conv/transposed-conv kernel multilinear rank <= (rank, rank) in its two channel modes, so a
-    Tucker-2 factorization with ranks >= `rank` is exact and dense and compressed models must agree (random weights
-    otherwise make argmax over 118 classes hypersensitive to any approximation)."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.conv._ConvNd) and m.weight[0, 0].numel() > 1:
-            w = m.weight.double()
-            for mode in (0, 1):
-                unfolded = w.movedim(mode, 0).flatten(1)
-                u = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :rank]
-                w = torch.tensordot(u @ u.T, w.movedim(mode, 0), dims=1).movedim(0, mode)
-            m.weight.copy_(w.float())
 
 
 def build_ts_weights_root(root, seed=0, low_rank=8):

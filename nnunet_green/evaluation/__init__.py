@@ -5,7 +5,8 @@
   module). `BenchError`, `model_label(folder)` (rank_ratio, rule, kept_fraction of a bench row).
 * `forward_seconds`, `interleaved` (`evaluation.timing`): CUDA-synchronised, interleaved forward timing.
 * `dice_scores`, `dice_tables`, `summarize`, `foreground_labels`, `DiceError` (`evaluation.dice`).
-* `machine_info(device)` (`evaluation.machine`): cpu, ISA, cores, gpu, torch threads, versions, load.
+* `machine_info(device)` (`evaluation.machine`): cpu, ISA, cores, gpu, torch threads, versions, load;
+  `rss_mb`, `peak_rss_mb`, `reset_peak_rss`: this process's resident memory and its (resettable) peak.
 
 Names are imported lazily (torch only when a measurement needs it).
 """
@@ -20,6 +21,7 @@ _EXPORTS = {
     "dice_scores": "dice", "dice_tables": "dice", "summarize": "dice", "foreground_labels": "dice",
     "read_labels": "dice", "DiceError": "dice",
     "machine_info": "machine", "cpu_model": "machine",
+    "reset_peak_rss": "machine", "rss_mb": "machine", "peak_rss_mb": "machine",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,5 @@
-"""What a measurement ran on: CPU model and ISA, cores, GPU, torch threads, library versions, load."""
+"""What a measurement ran on: CPU model and ISA, cores, GPU, torch threads, library versions, load; this process's
+resident memory and its peak (resettable on Linux, so a peak can be taken per epoch or per forward)."""
 from __future__ import annotations
 
 import os
@@ -46,3 +47,41 @@ def machine_info(device=None) -> dict:
             "nnunetv2": _version("nnunetv2"), "nnunet_green": nnunet_green.__version__,
             "python": platform.python_version(),
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak resident memory (VmHWM) from the current RSS; a no-op where Linux's clear_refs
+    is unavailable (the peak then covers the whole process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def _status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now, MB (None where /proc is unavailable)."""
+    return _status_mb("VmRSS:")
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory since start or the last `reset_peak_rss()`, MB."""
+    peak = _status_mb("VmHWM:")
+    if peak is not None:
+        return peak
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        return None

@@ -17,6 +17,7 @@ import torch
 from nnunet_green import __version__
 from nnunet_green.contract import (GREEN_LOG_FILE, GREEN_SUMMARY_FILE, LOG_COLUMNS, SUMMARY_FORMAT, GreenSettings,
                                    TrainingSummary)
+from nnunet_green.evaluation.machine import peak_rss_mb, reset_peak_rss
 from nnunet_green.metering.carbon import CarbonSetting, carbon_setting
 from nnunet_green.metering.distributed import is_writer, node_energy_sum
 from nnunet_green.metering.energy import EnergyMeter
@@ -68,7 +69,7 @@ class EpochMeter:
         self._overhead = 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        _reset_peak_rss()
+        reset_peak_rss()
         self._epoch = epoch
         self._val_start = None
         self._energy_start = self.energy.read()
@@ -102,7 +103,7 @@ class EpochMeter:
             "co2eq_g": self.carbon.co2eq_g(energy_j),
             "gpu_mem_alloc_peak_mb": torch.cuda.max_memory_allocated(self.device) / MB if cuda else None,
             "gpu_mem_reserved_peak_mb": torch.cuda.max_memory_reserved(self.device) / MB if cuda else None,
-            "host_rss_peak_mb": _peak_rss_mb(),
+            "host_rss_peak_mb": peak_rss_mb(),
             "train_loss": _finite_or_none(train_loss),
             "val_loss": _finite_or_none(val_loss),
             "pseudo_dice": _finite_or_none(pseudo_dice),
@@ -238,27 +239,3 @@ def _sum_or_none(values):
 def _max_or_none(values):
     present = [v for v in values if v is not None]
     return max(present) if present else None
-
-
-def _reset_peak_rss() -> None:
-    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), making the peak per epoch instead of per process.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except (ImportError, OSError):
-        return None

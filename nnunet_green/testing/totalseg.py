@@ -3,7 +3,8 @@
 The layout, trainer name and old-format plans are those TotalSegmentator v2 ships for its `--fast` 3 mm model
 (Dataset297): `<weights>/Dataset297_.../nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/`. The
 published architecture is a 5-stage PlainConvUNet [32, 64, 128, 256, 320], patch 112x112x128, 118 outputs
-(`DATASET297`); smaller settings keep CPU tests cheap.
+(`DATASET297`); smaller settings keep CPU tests cheap. `DATASET291` + `ts_organs_dataset_json()` describe the 1.5 mm
+`total` part model (organs: 6-stage PlainConvUNet [32 .. 320], patch 128^3, 25 outputs) for the CPU benchmarks.
 """
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from pathlib import Path
 from nnunet_green.contract import DATASET_FILE, DEFAULT_CHECKPOINT, DEFAULT_PLANS, PLANS_FILE
 
 TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
+ORGANS_TASK_FOLDER = "Dataset291_TotalSegmentator_part1_organs_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 MODEL_FOLDER = f"{TRAINER}__nnUNetPlans__3d_fullres"
 DATASET297 = dict(base_features=32, max_features=320, n_stages=5, patch=(112, 112, 128))
+DATASET291 = dict(base_features=32, max_features=320, n_stages=6, patch=(128, 128, 128), spacing=1.5)
 
 
-def ts_old_format_plans(base_features=8, max_features=32, n_stages=3, patch=(32, 64, 64)) -> dict:
+def ts_old_format_plans(base_features=8, max_features=32, n_stages=3, patch=(32, 64, 64), spacing=3.0) -> dict:
     """nnU-Net <= 2.1 plans as TotalSegmentator v2 ships them (no `architecture`; UNet_* keys)."""
     conf = {
         "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": list(patch), "median_image_size_in_voxels": [160.0, 119.0, 119.0], "spacing": [3.0, 3.0, 3.0],
+        "patch_size": list(patch), "median_image_size_in_voxels": [160.0, 119.0, 119.0], "spacing": [spacing] * 3,
         "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
         "UNet_class_name": "PlainConvUNet", "UNet_base_num_features": base_features,
         "n_conv_per_stage_encoder": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
@@ -38,7 +41,7 @@ def ts_old_format_plans(base_features=8, max_features=32, n_stages=3, patch=(32,
     }
     return {
         "dataset_name": TASK_FOLDER, "plans_name": DEFAULT_PLANS,
-        "original_median_spacing_after_transp": [3.0, 3.0, 3.0],
+        "original_median_spacing_after_transp": [spacing] * 3,
         "original_median_shape_after_transp": [160, 119, 119], "image_reader_writer": "NibabelIOWithReorient",
         "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
         "configurations": {"3d_fullres": conf},
@@ -57,6 +60,33 @@ def ts_dataset_json() -> dict:
     return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1559, "file_ending": ".nii.gz"}
 
 
+def ts_organs_dataset_json() -> dict:
+    """dataset.json of the 1.5 mm organs part model (Dataset291): background + 24 organs (25 outputs)."""
+    from totalsegmentator.map_to_binary import class_map_5_parts
+
+    organs = class_map_5_parts["class_map_part_organs"]
+    labels = {"background": 0, **{name: int(i) for i, name in organs.items()}}
+    return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1559, "file_ending": ".nii.gz"}
+
+
+def project_to_low_rank_(net, rank: int) -> None:
+    """Give every spatial conv/transposed-conv kernel multilinear rank <= (rank, rank) in its two channel modes, so a
+    Tucker-2 factorization with ranks >= `rank` is exact and dense and compressed models must agree (random weights
+    otherwise make argmax over many classes hypersensitive to any approximation). Projects each mode onto the top
+    eigenvectors of its float64 Gram matrix (an SVD of the unfolding can be very slow on 2 threads)."""
+    import torch
+
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.conv._ConvNd) and m.weight[0, 0].numel() > 1:
+                w = m.weight.double()
+                for mode in (0, 1):
+                    unfolded = w.movedim(mode, 0).flatten(1)
+                    u = torch.linalg.eigh(unfolded @ unfolded.T)[1][:, -rank:]
+                    w = torch.tensordot(u @ u.T, w.movedim(mode, 0), dims=1).movedim(0, mode)
+                m.weight.copy_(w.float())
+
+
 def build_network(plans: dict, dataset: dict):
     """The network the stock predictor builds from these (old-format) plans for TRAINER, without deep
     supervision (through nnunet_io: the trainer's own builder)."""
@@ -66,12 +96,13 @@ def build_network(plans: dict, dataset: dict):
     return build(find_trainer(TRAINER), pm, cm, dataset)
 
 
-def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_weights: dict) -> Path:
-    """`root/<TASK_FOLDER>/<MODEL_FOLDER>/` with plans.json, dataset.json and fold_0/checkpoint_final.pth in
+def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_weights: dict,
+                       task_folder: str = TASK_FOLDER) -> Path:
+    """`root/<task_folder>/<MODEL_FOLDER>/` with plans.json, dataset.json and fold_0/checkpoint_final.pth in
     nnU-Net's checkpoint format; returns the model folder."""
     import torch
 
-    folder = Path(root) / TASK_FOLDER / MODEL_FOLDER
+    folder = Path(root) / task_folder / MODEL_FOLDER
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     (folder / PLANS_FILE).write_text(json.dumps(plans, indent=4))
     (folder / DATASET_FILE).write_text(json.dumps(dataset, indent=4))

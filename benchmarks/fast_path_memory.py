@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Peak resident memory of the fast CPU path's ONNX Runtime session, with ONNX Runtime's CPU memory arena on (its
+default, and what the fast path uses) and off, for one compressed model folder:
+
+    python benchmarks/fast_path_memory.py COMPRESSED_MODEL_FOLDER [--calls 2]
+
+Builds the session from the artefact stored in the checkpoint with the fast path's settings (graph optimizations
+on, intra-op threads = torch's, one inter-op thread), in a fresh child process per setting, and prints per call:
+seconds, RSS before, peak RSS (VmHWM reset before the call). Explains the end-to-end peak-memory gap in
+docs/results/end_to_end_cpu.md.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+
+def measure(folder: str, arena: bool, calls: int) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from nnunet_green.compression.fast_path import artefact_bytes, artefact_input_shape
+    from nnunet_green.evaluation import peak_rss_mb, reset_peak_rss, rss_mb
+    from nnunet_green.nnunet_io import ModelFolder
+
+    net = ModelFolder(folder).load(device="cpu").network.eval()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.enable_cpu_mem_arena = arena
+    session = ort.InferenceSession(artefact_bytes(net), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal(artefact_input_shape(session), dtype=np.float32)
+    name = session.get_inputs()[0].name
+    for i in range(calls):
+        reset_peak_rss()
+        before, t0 = rss_mb(), time.perf_counter()
+        out = session.run(None, {name: x})
+        seconds = time.perf_counter() - t0
+        del out
+        print(f"arena {'on ' if arena else 'off'}, call {i + 1}: {seconds:.2f} s, RSS before {before:.0f} MB, "
+              f"peak {peak_rss_mb():.0f} MB", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", help="compressed model folder with a fast-path artefact")
+    ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--arena", choices=("on", "off"), default=None, help=argparse.SUPPRESS)  # the child's setting
+    args = ap.parse_args()
+    if args.arena is not None:
+        measure(args.folder, args.arena == "on", args.calls)
+        return 0
+    for arena in ("on", "off"):  # a fresh process each: RSS and ONNX Runtime state start alike
+        subprocess.run([sys.executable, __file__, args.folder, "--calls", str(args.calls), "--arena", arena],
+                       check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
