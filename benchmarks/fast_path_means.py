@@ -45,9 +45,9 @@ class OrtDense(nn.Module):
     def __init__(self, net, shape):
         super().__init__()
         import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
+
+        from nnunet_green.compression.fast_path import session_options
+        opts = session_options(torch.get_num_threads(), memory_arena=True)
         self.session = ort.InferenceSession(build_artefact(net, shape), opts, providers=["CPUExecutionProvider"])
 
     def forward(self, x):

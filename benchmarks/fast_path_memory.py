@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Peak resident memory of the fast CPU path's ONNX Runtime session, with ONNX Runtime's CPU memory arena on (its
-default, and what the fast path uses) and off, for one compressed model folder:
+default) and off (what the fast path uses), for one compressed model folder:
 
     python benchmarks/fast_path_memory.py COMPRESSED_MODEL_FOLDER [--calls 2]
 
@@ -22,16 +22,12 @@ def measure(folder: str, arena: bool, calls: int) -> None:
     import onnxruntime as ort
     import torch
 
-    from nnunet_green.compression.fast_path import artefact_bytes, artefact_input_shape
+    from nnunet_green.compression.fast_path import artefact_bytes, artefact_input_shape, session_options
     from nnunet_green.evaluation import peak_rss_mb, reset_peak_rss, rss_mb
     from nnunet_green.nnunet_io import ModelFolder
 
     net = ModelFolder(folder).load(device="cpu").network.eval()
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.enable_cpu_mem_arena = arena
+    opts = session_options(torch.get_num_threads(), memory_arena=arena)
     session = ort.InferenceSession(artefact_bytes(net), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal(artefact_input_shape(session), dtype=np.float32)
     name = session.get_inputs()[0].name

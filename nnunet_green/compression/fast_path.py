@@ -81,6 +81,23 @@ def artefact_bytes(module: torch.nn.Module) -> bytes:
     return b"" if blob is None or blob.numel() == 0 else blob.detach().cpu().numpy().tobytes()
 
 
+def session_options(threads: int, memory_arena: bool = False):
+    """ONNX Runtime CPU options of the fast path: all graph optimizations, `threads` intra-op threads, one
+    inter-op thread. `memory_arena` off by default: with ORT's arena (its default) and memory patterns both on, the
+    TS-1.5mm compressed session peaked at 4.0 GB from its second 128^3 call, 2.7 GB without the arena, for ~10 %
+    more time per call (benchmarks/fast_path_memory.py; docs/results/end_to_end_cpu.md) - and the compressed
+    prediction must not need more memory than the dense one."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.enable_cpu_mem_arena = memory_arena
+    opts.log_severity_level = 3
+    return opts
+
+
 def _session(blob: bytes, digest: str):
     """The ONNX Runtime session of an artefact, built once per process (and thread count): folds share nothing,
     each has its own digest. Returns the session or the exception that prevented it."""
@@ -89,11 +106,7 @@ def _session(blob: bytes, digest: str):
     threads = torch.get_num_threads()
     key = (digest, threads)
     if key not in _SESSIONS:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         try:
             _SESSIONS[key] = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # corrupt bytes, an opset this runtime lacks: ORT raises several types
