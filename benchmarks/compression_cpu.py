@@ -97,12 +97,12 @@ def export_onnx(network, shape, path: Path) -> float:
 
 
 def ort_session(path: Path, threads: int):
-    """Dense ONNX Runtime as a CPU user would run it: ORT's defaults (memory arena on), all graph optimizations."""
+    """Dense ONNX Runtime as a CPU user would run it: ORT's defaults (memory arena and patterns on), all graph optimizations."""
     import onnxruntime as ort
 
     from nnunet_green.compression.fast_path import session_options
 
-    return ort.InferenceSession(str(path), session_options(threads, memory_arena=True),
+    return ort.InferenceSession(str(path), session_options(threads, lean_memory=False),
                                 providers=["CPUExecutionProvider"])
 
 

@@ -47,7 +47,7 @@ class OrtDense(nn.Module):
         import onnxruntime as ort
 
         from nnunet_green.compression.fast_path import session_options
-        opts = session_options(torch.get_num_threads(), memory_arena=True)
+        opts = session_options(torch.get_num_threads(), lean_memory=False)
         self.session = ort.InferenceSession(build_artefact(net, shape), opts, providers=["CPUExecutionProvider"])
 
     def forward(self, x):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Peak resident memory of the fast CPU path's ONNX Runtime session, with ONNX Runtime's CPU memory arena on (its
-default) and off (what the fast path uses), for one compressed model folder:
+"""Peak resident memory of the fast CPU path's ONNX Runtime session, with ONNX Runtime's defaults (memory arena and
+memory patterns on) and with the fast path's lean setting (patterns off), for one compressed model folder:
 
     python benchmarks/fast_path_memory.py COMPRESSED_MODEL_FOLDER [--calls 2]
 
@@ -17,7 +17,7 @@ import sys
 import time
 
 
-def measure(folder: str, arena: bool, calls: int) -> None:
+def measure(folder: str, lean: bool, calls: int) -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -27,7 +27,7 @@ def measure(folder: str, arena: bool, calls: int) -> None:
     from nnunet_green.nnunet_io import ModelFolder
 
     net = ModelFolder(folder).load(device="cpu").network.eval()
-    opts = session_options(torch.get_num_threads(), memory_arena=arena)
+    opts = session_options(torch.get_num_threads(), lean_memory=lean)
     session = ort.InferenceSession(artefact_bytes(net), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal(artefact_input_shape(session), dtype=np.float32)
     name = session.get_inputs()[0].name
@@ -37,7 +37,7 @@ def measure(folder: str, arena: bool, calls: int) -> None:
         out = session.run(None, {name: x})
         seconds = time.perf_counter() - t0
         del out
-        print(f"arena {'on ' if arena else 'off'}, call {i + 1}: {seconds:.2f} s, RSS before {before:.0f} MB, "
+        print(f"{'lean (fast path)' if lean else 'ORT defaults    '}, call {i + 1}: {seconds:.2f} s, RSS before {before:.0f} MB, "
               f"peak {peak_rss_mb():.0f} MB", flush=True)
 
 
@@ -45,13 +45,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", help="compressed model folder with a fast-path artefact")
     ap.add_argument("--calls", type=int, default=2)
-    ap.add_argument("--arena", choices=("on", "off"), default=None, help=argparse.SUPPRESS)  # the child's setting
+    ap.add_argument("--setting", choices=("default", "lean"), default=None, help=argparse.SUPPRESS)  # the child's
     args = ap.parse_args()
-    if args.arena is not None:
-        measure(args.folder, args.arena == "on", args.calls)
+    if args.setting is not None:
+        measure(args.folder, args.setting == "lean", args.calls)
         return 0
-    for arena in ("on", "off"):  # a fresh process each: RSS and ONNX Runtime state start alike
-        subprocess.run([sys.executable, __file__, args.folder, "--calls", str(args.calls), "--arena", arena],
+    for setting in ("default", "lean"):  # a fresh process each: RSS and ONNX Runtime state start alike
+        subprocess.run([sys.executable, __file__, args.folder, "--calls", str(args.calls), "--setting", setting],
                        check=True)
     return 0
 

@@ -81,19 +81,21 @@ def artefact_bytes(module: torch.nn.Module) -> bytes:
     return b"" if blob is None or blob.numel() == 0 else blob.detach().cpu().numpy().tobytes()
 
 
-def session_options(threads: int, memory_arena: bool = False):
+def session_options(threads: int, lean_memory: bool = True):
     """ONNX Runtime CPU options of the fast path: all graph optimizations, `threads` intra-op threads, one
-    inter-op thread. `memory_arena` off by default: with ORT's arena (its default) and memory patterns both on, the
-    TS-1.5mm compressed session peaked at 4.0 GB from its second 128^3 call, 2.7 GB without the arena, for ~10 %
-    more time per call (benchmarks/fast_path_memory.py; docs/results/end_to_end_cpu.md) - and the compressed
-    prediction must not need more memory than the dense one."""
+    inter-op thread. `lean_memory` turns ORT's memory patterns off (its arena stays on): with both on (ORT's
+    default) the TS-1.5mm compressed session peaked at 4.0 GB from its second 128^3 call, as the planned block of the
+    pattern comes on top of the arena's chunks from the first call; without patterns 2.7 GB
+    (benchmarks/fast_path_memory.py). Without the arena instead, every call pays fresh page faults on its
+    intermediate tensors (~10-20 % slower here). The compressed prediction must not need more memory than the dense
+    one."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.enable_cpu_mem_arena = memory_arena
+    opts.enable_mem_pattern = not lean_memory
     opts.log_severity_level = 3
     return opts
 
