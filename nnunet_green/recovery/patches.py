@@ -67,9 +67,21 @@ def preprocess_case(model, files: list[str]) -> np.ndarray:
     """One case as `nnUNetv2_predict` feeds it to the network: the plans' own preprocessor (reader, transpose,
     crop, normalisation, resampling), then zero-padded to at least the patch size like the sliding window.
     `model` is a `nnunet_io.LoadedModel`."""
+    return pad_to_patch(model, read_case(model, files))
+
+
+def pad_to_patch(model, data: np.ndarray) -> np.ndarray:
+    """Zero-pad a preprocessed case to at least the patch size, as the predictor's sliding window does."""
     import torch
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
+    data = torch.from_numpy(data)  # the predictor pads a tensor
+    data, _ = pad_nd_image(data, list(model.configuration_manager.patch_size), "constant", {"value": 0}, True, None)
+    return np.ascontiguousarray(data.numpy(), dtype=np.float32)
+
+
+def read_case(model, files: list[str]) -> np.ndarray:
+    """One case through the plans' preprocessor, not padded (float32, C x spatial)."""
     cm = model.configuration_manager
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -80,9 +92,7 @@ def preprocess_case(model, files: list[str]) -> np.ndarray:
     if data.shape[0] != model.num_input_channels:
         raise ImagesError(f"{files[0]} has {data.shape[0]} channel(s) after reading, the model expects "
                           f"{model.num_input_channels}")
-    data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))  # the predictor pads a tensor
-    data, _ = pad_nd_image(data, list(cm.patch_size), "constant", {"value": 0}, True, None)
-    return np.ascontiguousarray(data.numpy(), dtype=np.float32)
+    return np.ascontiguousarray(data, dtype=np.float32)
 
 
 class CaseCache:
