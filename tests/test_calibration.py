@@ -132,7 +132,9 @@ def test_non_finite_statistics_name_the_patch():
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_compress_cli_calibrate_bad_input(hippocampus, trained_fp32, tmp_path, capsys):
-    """Bad calibration images: one line naming the problem (and the file), exit 2, no output folder."""
+    """Bad calibration images: one line naming the problem (and the file), exit 2, no output folder. (Non-finite
+    values in an image do not get this far: nnU-Net's preprocessing makes them finite; non-finite statistics are
+    tested in-process above.)"""
     import nibabel as nib
 
     from nnunet_green.compression.cli import main
@@ -156,15 +158,13 @@ def test_compress_cli_calibrate_bad_input(hippocampus, trained_fp32, tmp_path, c
                                    "case_0001.nii.gz": lambda p: shutil.copy(src, p)})
     flat = folder("flat", {"case_0000.nii.gz": save(np.ones((40, 56), np.float32))})
     tiny = folder("tiny", {"case_0000.nii.gz": save(np.random.rand(4, 4, 4))})
-    nan = folder("nan", {"case_0000.nii.gz": save(np.full((40, 56, 40), np.nan))})
     out = tmp_path / "out" / "model"
     cases = [(["--calibrate", str(tmp_path / "nope")], "images folder not found"),
              (["--calibrate", str(empty)], "no images in"),
              (["--calibrate", str(unreadable)], "unreadable/case_0000.nii.gz"),
              (["--calibrate", str(channels)], "expects 1 channel"),
-             (["--calibrate", str(flat)], "flat/case_0000.nii.gz"),
+             (["--calibrate", str(flat)], "flat/case_0000.nii.gz is not a 3D image"),
              (["--calibrate", str(tiny)], "tiny/case_0000.nii.gz has 64 voxels"),
-             (["--calibrate", str(nan)], "nan/case_0000.nii.gz"),
              (["--calibrate", str(empty), "--weight-only"], "not both"),
              (["--calibration-patches", "4"], "needs --calibrate"),
              (["--calibrate", str(channels), "--calibration-patches", "0"], "positive integer")]

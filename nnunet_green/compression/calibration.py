@@ -134,10 +134,14 @@ def collect_statistics(model: nn.Module, patches: Iterable[torch.Tensor],
     layers: dict[str, LayerStatistics] = {}
     hooks, bad = [], []
 
+    hook_s = [0.0]  # time inside the hooks: what the statistics add to the plain forwards
+
     def make_hook(name: str, stats: LayerStatistics):
         def hook(module, args, output):
+            t = time.perf_counter()
             if not (stats.inputs.add(args[0]) and stats.outputs.add(output)):
                 bad.append(name)
+            hook_s[0] += time.perf_counter() - t
         return hook
 
     for name, _, conv in unique_convs(model):
@@ -174,7 +178,8 @@ def collect_statistics(model: nn.Module, patches: Iterable[torch.Tensor],
         model.train(was_training)
     if count == 0:
         raise CalibrationError("no calibration patches were given")
-    return CalibrationStats(layers, count, shape, time.perf_counter() - t0, peak_rss_mb())
+    return CalibrationStats(layers, count, shape, time.perf_counter() - t0, peak_rss_mb(),
+                            {"statistics_hooks_s": round(hook_s[0], 2)})
 
 
 def image_patches(model, images, n_patches: int = DEFAULT_CALIBRATION_PATCHES, seed: int = 0):
@@ -201,12 +206,15 @@ def image_patches(model, images, n_patches: int = DEFAULT_CALIBRATION_PATCHES, s
     for case, files in chosen:
         if case not in data_of:
             try:
-                data = read_case(model, files)
+                data, properties = read_case(model, files)
             except DistillError as e:
                 raise CalibrationError(str(e)) from None
-            if data.ndim != 1 + len(patch):
-                raise CalibrationError(f"{files[0]} has {data.ndim - 1} spatial dimensions after preprocessing; the "
-                                       f"model expects {len(patch)}")
+            # nnU-Net's readers turn a 2D image into a 3D one with a single slice (then resampled to many)
+            read_shape = list(properties.get("shape_before_cropping", data.shape[1:]))
+            flat = [i for i, (s, p) in enumerate(zip(read_shape, patch)) if s == 1 and p > 1]
+            if data.ndim != 1 + len(patch) or len(read_shape) != len(patch) or flat:
+                raise CalibrationError(f"{files[0]} is not a {len(patch)}D image (read as shape {read_shape}); the "
+                                       f"model is {len(patch)}D")
             voxels = math.prod(data.shape[1:])
             if voxels < MIN_PATCH_COVERAGE * math.prod(patch):
                 raise CalibrationError(f"{files[0]} has {voxels} voxels after preprocessing, fewer than "

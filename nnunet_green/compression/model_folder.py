@@ -237,7 +237,7 @@ def calibration_patches(source: Source, calibrate: dict, progress: bool = False)
                             dataset_json=source.folder.dataset_json, num_input_channels=n_in)
     try:
         patches, labels, record = image_patches(model, calibrate["images"],
-                                                calibrate.get("patches") or DEFAULT_CALIBRATION_PATCHES,
+                                                calibrate.get("patches", DEFAULT_CALIBRATION_PATCHES),
                                                 calibrate.get("seed", 0))
     except CalibrationError as e:
         raise CompressionError(f"--calibrate: {e}") from None
