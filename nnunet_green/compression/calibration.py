@@ -163,8 +163,7 @@ def collect_statistics(model: nn.Module, patches: Iterable[torch.Tensor],
     try:
         for i, x in enumerate(items):
             x = torch.as_tensor(x)
-            if x.dim() == len(shape) + 1 or not shape:
-                shape = list(x.shape[2:]) if x.dim() > 2 else list(x.shape)
+            shape = shape or list(x.shape[2:])  # recorded from the first patch
             y = model(x)
             y = y[0] if isinstance(y, (list, tuple)) else y
             if bad or not torch.isfinite(y).all():
