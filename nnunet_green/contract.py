@@ -53,6 +53,10 @@ FINETUNE_TRAINER = "nnUNetTrainerTuckerFinetune"
 DEFAULT_RANK_RATIO = 0.12
 DEFAULT_MIN_RANK = 8   # Tucker rank floor per mode
 DEFAULT_ROUND_TO = 8   # ranks rounded to multiples of this (GPU-friendly)
+DEFAULT_CALIBRATION_PATCHES = 16  # calibration patches when images are given without a count
+DEFAULT_CALIBRATION_RIDGE = 1e-5  # added to calibration input covariances, times their mean eigenvalue
+DECOMPOSITION_WEIGHT_ONLY = "weight-only"  # compression.json "decomposition" (top level and per layer)
+DECOMPOSITION_CALIBRATED = "calibrated"
 
 
 # --- errors and exit codes ---------------------------------------------------------------------------------------
@@ -300,6 +304,11 @@ class CompressionManifest(_Record):
     verification: dict | None = None
     carried_over: dict = field(default_factory=dict)  # {relative path: what it describes}: files of the DENSE source
     fast_path: dict | None = None     # fast CPU path: status per fold, verification, predicted/measured speed-up
+    # how the factors were found: DECOMPOSITION_WEIGHT_ONLY (no images) or DECOMPOSITION_CALIBRATED ("" before)
+    decomposition: str = ""
+    # the calibration set and its cost: {"images", "source", "patches", "patch_size", "statistics_s", "ridge", ...};
+    # None for a weight-only decomposition
+    calibration: dict | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -312,7 +321,7 @@ class CompressionManifest(_Record):
             label = f"ratio {c['rank_ratio']:g}"
         else:
             label = self.rank_rule or "rule not recorded"
-        if (self.extra.get("calibration") or {}).get("images"):
+        if (self.calibration or self.extra.get("calibration") or {}).get("images"):
             label += " calibrated"
         kind = self.recovery_kind
         return f"{label} + {kind}" if kind else label

@@ -589,10 +589,13 @@ def test_manifest_keys_and_old_manifests_still_read(tmp_path):
     out = tmp_path / "out"
     m = compress_model_folder(src, out, TuckerConfig(rank_ratio=0.25), speed_check=False)
     written = json.loads((out / "compression.json").read_text())
-    assert written == m and set(written) == set(OLD_MANIFEST) | {"carried_over", "fast_path"}
+    later = {"carried_over", "fast_path", "decomposition", "calibration"}  # keys added since OLD_MANIFEST
+    assert written == m and set(written) == set(OLD_MANIFEST) | later
+    assert written["decomposition"] == "weight-only" and written["calibration"] is None
     assert set(written["totals"]) == set(OLD_MANIFEST["totals"])
     assert set(written["config"]) == set(OLD_MANIFEST["config"])
-    assert set(written["layers"][0]) == set(OLD_MANIFEST["layers"][0])
+    assert set(written["layers"][0]) == set(OLD_MANIFEST["layers"][0]) | {"decomposition", "est_output_rel_error",
+                                                                         "input_rank_deficient"}
     assert written["carried_over"] == {"fold_0/progress.png": "training curves of the dense source model",
                                        "fold_0/validation/summary.json": "validation metrics of the dense source model"}
     assert (out / "fold_0" / "progress.png").read_bytes() == (src / "fold_0" / "progress.png").read_bytes()
@@ -600,7 +603,7 @@ def test_manifest_keys_and_old_manifests_still_read(tmp_path):
     old = CompressionManifest.from_json(copy.deepcopy(OLD_MANIFEST))
     assert old.rule_label == "ratio 0.25" and old.carried_over == {} and old.extra == {}
     assert math.isclose(old.kept_fraction, 30110 / 85406)
-    assert {k: v for k, v in old.to_json().items() if k not in ("carried_over", "fast_path")} == OLD_MANIFEST
+    assert {k: v for k, v in old.to_json().items() if k not in later} == OLD_MANIFEST
 
     # the old way: the previous version wrote the same plans.json and checkpoint, and no carried-over files
     for rel in written["carried_over"]:

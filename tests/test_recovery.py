@@ -211,11 +211,14 @@ def test_compress_cli_budget_and_distill_in_one_command(hippocampus, trained_fp3
     out = tmp_path / "c" / trained_fp32.parent.name
     images = hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr"
     proc = run_cli("nnunet-green-compress", "-i", trained_fp32.parent, "-o", out, "--rank-budget", 0.15,
-                   "--distill", images, "--distill-steps", 2, "-q", env=hippocampus.env())
+                   "--distill", images, "--distill-steps", 2, "--calibration-patches", 3, "-q", env=hippocampus.env())
     assert "distilled 2 steps" in proc.stdout
     m = json.loads((out / "compression.json").read_text())
     assert m["config"]["budget"] == 0.15 and m["config"]["budget_cost"] == "params"
-    assert m["config"]["rank_ratio"] is None and m["rank_rule"].startswith("budgeted")
+    # images at hand: the ranks and factors are calibrated on the distillation images too
+    assert m["config"]["rank_ratio"] is None and m["rank_rule"].startswith("calibrated ranks")
+    assert m["decomposition"] == "calibrated" and m["calibration"]["source"] == str(images)
+    assert m["calibration"]["patches"] == 3
     eligible = [lay for lay in m["layers"] if math.prod(lay["kernel_size"]) > 1
                 and min(lay["in_channels"], lay["out_channels"]) >= 8]
     kept = sum(lay["params_after"] for lay in eligible) / sum(lay["params_before"] for lay in eligible)

@@ -2,7 +2,9 @@
 
 `TuckerConfig` is the one-object form (rank rule + decomposition settings, as the CLI and compression.json record
 it); `config.policy()` is the rank policy it stands for. `factorize_structure_` builds the factorized structure
-without decomposing (to strict-load a saved factorized state dict).
+without decomposing (to strict-load a saved factorized state dict). With `calibration=` (statistics of the model on
+calibration images, `calibration.collect_statistics`) the factors are data-aware (`data_aware.py`) and a budget is
+spent by measured output error (`CalibratedRanks`); without, the decomposition is weight-only (HOSVD + HOOI).
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from typing import Callable
 
 from torch import nn
 
-from nnunet_green.contract import DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO
+from nnunet_green.contract import (DECOMPOSITION_CALIBRATED, DECOMPOSITION_WEIGHT_ONLY, DEFAULT_MIN_RANK,
+                                   DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO)
 
+from .calibration import DEFAULT_RIDGE, CalibrationStats
 from .cost import TRANSPOSED_CONVS, factorized_params, mac_fraction, param_count  # noqa: F401  (re-exported)
 from .decompose import decompose_conv_weight, one_thread
 from .layers import TuckerConv, gemm_pointwise_
-from .policies import BudgetedRanks, GivenRanks, RankPlan, RankPolicy, UniformRanks, _check_int
+from .policies import BudgetedRanks, CalibratedRanks, GivenRanks, RankPlan, RankPolicy, UniformRanks, _check_int
 from .surgery import canonical_name, conv_aliases, parent_refs, replace_everywhere, unique_convs  # noqa: F401
 
 
@@ -28,7 +32,8 @@ class TuckerConfig:
     Rank rule: `rank_ratio` / `min_rank` / `round_to` / `min_mac_saving` as `UniformRanks`; with `budget` set,
     `BudgetedRanks(budget, budget_cost, min_rank, round_to)` instead (rank_ratio is then unused; budget_cost
     "macs" needs tucker_'s input_shape). Decomposition: `n_iter_max` HOOI sweeps after the SVD init (0 = HOSVD);
-    `gemm_pointwise` also runs the 1x1 convs left dense (segmentation heads) as GEMMs (same state dict)."""
+    `gemm_pointwise` also runs the 1x1 convs left dense (segmentation heads) as GEMMs (same state dict).
+    `ridge`: regularisation of the input covariances of a calibrated decomposition (times their mean eigenvalue)."""
     rank_ratio: float = DEFAULT_RANK_RATIO
     min_rank: int = DEFAULT_MIN_RANK
     round_to: int = DEFAULT_ROUND_TO
@@ -37,17 +42,23 @@ class TuckerConfig:
     gemm_pointwise: bool = True
     budget: float | None = None
     budget_cost: str = "params"
+    ridge: float = DEFAULT_RIDGE
 
     def __post_init__(self):
         _check_int("n_iter_max", self.n_iter_max, 0)
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 < self.ridge < 1:
+            raise ValueError(f"ridge must be a number with 0 < ridge < 1; got {self.ridge!r}")
         self._uniform()  # validates the rank settings even when a budget replaces the ratio
         self.policy()
 
     def _uniform(self) -> UniformRanks:
         return UniformRanks(self.rank_ratio, self.min_rank, self.round_to, self.min_mac_saving)
 
-    def policy(self) -> RankPolicy:
-        """The rank policy this config stands for."""
+    def policy(self, calibration: CalibrationStats | None = None) -> RankPolicy:
+        """The rank policy this config stands for (a budget with calibration statistics: CalibratedRanks)."""
+        if self.budget is not None and calibration is not None:
+            return CalibratedRanks(self.budget, calibration, self.budget_cost, self.min_rank, self.round_to,
+                                   self.ridge)
         if self.budget is not None:
             return BudgetedRanks(self.budget, self.budget_cost, self.min_rank, self.round_to)
         return self._uniform()
@@ -73,6 +84,9 @@ class LayerRecord:
     macs_after: int | None = None
     rel_error: float | None = None
     factorized: bool = False
+    decomposition: str | None = None  # "weight-only" or "calibrated" (factorized layers)
+    est_output_rel_error: float | None = None  # calibrated: from the statistics (docs/compression.md)
+    input_rank_deficient: bool | None = None  # calibrated: input covariance needed its ridge
     reason: str | None = None
     seconds: float = 0.0  # decomposition time of this layer
 
@@ -90,7 +104,7 @@ def plan_layer(conv: nn.Module, config: TuckerConfig) -> tuple[int | None, int |
 def tucker_(model: nn.Module, policy: TuckerConfig | RankPolicy = TuckerConfig(),
             filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = False, input_shape=None,
             ranks: dict[str, tuple[int, int]] | None = None, *, n_iter_max: int | None = None,
-            gemm_pointwise: bool | None = None) -> list[LayerRecord]:
+            gemm_pointwise: bool | None = None, calibration: CalibrationStats | None = None) -> list[LayerRecord]:
     """Factorize the convs of `model` in place; one LayerRecord per unique conv considered (dense ones too, with
     the reason).
 
@@ -99,11 +113,17 @@ def tucker_(model: nn.Module, policy: TuckerConfig | RankPolicy = TuckerConfig()
     records get measured per-layer multiply-adds (fake-tensor forward, no compute), and MAC budgets need it.
     `ranks` (canonical name -> (r_in, r_out)) replaces the policy's choice: exactly those layers are factorized.
     n_iter_max / gemm_pointwise: decomposition settings (default: the TuckerConfig's, else 2 / True).
+    `calibration`: statistics of THIS model on calibration images (`calibration.collect_statistics`): layers with
+    statistics get data-aware factors, and a TuckerConfig budget becomes CalibratedRanks.
     """
+    ridge = DEFAULT_RIDGE
     if isinstance(policy, TuckerConfig):
         n_iter_max = policy.n_iter_max if n_iter_max is None else n_iter_max
         gemm_pointwise = policy.gemm_pointwise if gemm_pointwise is None else gemm_pointwise
-        policy = policy.policy()
+        ridge = policy.ridge
+        policy = policy.policy(calibration if ranks is None else None)
+    elif isinstance(policy, CalibratedRanks):
+        ridge = policy.ridge
     elif not isinstance(policy, RankPolicy):
         raise TypeError(f"tucker_: expected a TuckerConfig or a rank policy (UniformRanks, BudgetedRanks, ...), "
                         f"got {type(policy).__name__}")
@@ -112,12 +132,15 @@ def tucker_(model: nn.Module, policy: TuckerConfig | RankPolicy = TuckerConfig()
     plan = policy.plan(model, input_shape=input_shape, filter_fn=filter_fn)
     return apply_plan_(model, plan, n_iter_max=2 if n_iter_max is None else n_iter_max,
                        gemm_pointwise=True if gemm_pointwise is None else gemm_pointwise, progress=progress,
-                       input_shape=input_shape)
+                       input_shape=input_shape, calibration=calibration, ridge=ridge)
 
 
 def apply_plan_(model: nn.Module, plan: RankPlan, n_iter_max: int = 2, gemm_pointwise: bool = True,
-                progress: bool = False, input_shape=None) -> list[LayerRecord]:
-    """Decompose the layers of `plan` in place (every reference of a conv gets the same TuckerConv)."""
+                progress: bool = False, input_shape=None, calibration: CalibrationStats | None = None,
+                ridge: float = DEFAULT_RIDGE) -> list[LayerRecord]:
+    """Decompose the layers of `plan` in place (every reference of a conv gets the same TuckerConv); data-aware
+    factors for the layers `calibration` has statistics of, weight-only (HOSVD + HOOI) for the others."""
+    from .data_aware import calibrated_factors, reconstruction_error
     from .macs import mac_breakdown
 
     macs_before = mac_breakdown(model, input_shape) if input_shape is not None else None
@@ -138,10 +161,20 @@ def apply_plan_(model: nn.Module, plan: RankPlan, n_iter_max: int = 2, gemm_poin
             else:
                 r_in, r_out = plan.ranks[name]
                 t0 = time.perf_counter()
-                first, core, last, err = decompose_conv_weight(conv.weight, r_in, r_out,
-                                                               isinstance(conv, TRANSPOSED_CONVS), n_iter_max)
+                stats = None if calibration is None else calibration.layers.get(name)
+                if stats is None:
+                    first, core, last, err = decompose_conv_weight(conv.weight, r_in, r_out,
+                                                                   isinstance(conv, TRANSPOSED_CONVS), n_iter_max)
+                    bias = conv.bias.detach() if conv.bias is not None else None
+                    rec.decomposition = DECOMPOSITION_WEIGHT_ONLY
+                else:
+                    first, core, last, bias, info = calibrated_factors(conv, r_in, r_out, stats, ridge)
+                    err = reconstruction_error(conv, first, core, last)
+                    rec.decomposition = DECOMPOSITION_CALIBRATED
+                    rec.est_output_rel_error = info["est_output_rel_error"]
+                    rec.input_rank_deficient = info["input_rank_deficient"]
                 new = TuckerConv.from_conv(conv, r_in, r_out, name=name)
-                new.set_factors(first, core, last, conv.bias.detach() if conv.bias is not None else None)
+                new.set_factors(first, core, last, bias)
                 new.train(conv.training)
                 replace_everywhere(refs, conv, new, name)
                 rec.seconds = time.perf_counter() - t0

@@ -11,7 +11,7 @@ import re
 import sys
 import warnings
 
-from nnunet_green.contract import (DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO, EXIT_BAD_INPUT,
+from nnunet_green.contract import (DEFAULT_CALIBRATION_PATCHES, DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO, EXIT_BAD_INPUT,
                                    EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, GreenError)
 from nnunet_green.recovery.settings import DistillSettings
 
@@ -28,6 +28,9 @@ examples:
   # distillation against the dense model on unlabelled scans, before the folder is published
   nnunet-green-compress -i DENSE_FOLDER -o COMPRESSED_FOLDER --rank-budget 0.12 --budget-cost macs \\
       --distill unlabelled_scans/ --distill-steps 500 --device cuda
+
+  # data-aware: factors (and, with --rank-budget, ranks) chosen on 16 patches of unlabelled images
+  nnunet-green-compress -i DENSE_FOLDER -o COMPRESSED_FOLDER --rank-ratio 0.12 --calibrate unlabelled_scans/
 
   # a whole TotalSegmentator weights root (every DatasetXXX_*/<trainer>__<plans>__<config>/ below it)
   nnunet-green-compress -i ~/.totalsegmentator/nnunet/results -o ts_weights_012 --rank-ratio 0.12
@@ -77,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"smallest Tucker rank per mode (default {DEFAULT_MIN_RANK})")
     ranks.add_argument("--round-to", type=int,
                        help=f"round ranks to a multiple of this (default {DEFAULT_ROUND_TO}, suits GPU kernels)")
+    cal = p.add_argument_group("data-aware decomposition (docs/compression.md#data-aware-decomposition)")
+    cal.add_argument("--calibrate", metavar="IMAGES_DIR",
+                     help="unlabelled images (CASE_0000.nii.gz, ...): the dense network runs once over patches of "
+                          "them and each layer's factors minimise the error of its outputs on them (after the "
+                          "following InstanceNorm) instead of its weights; with --rank-budget the ranks are chosen "
+                          "by that error too. Default with --distill: the distillation images")
+    cal.add_argument("--calibration-patches", type=int, metavar="N",
+                     help=f"patches (plans' patch size, one per image in turn) for --calibrate "
+                          f"(default {DEFAULT_CALIBRATION_PATCHES})")
+    cal.add_argument("--weight-only", action="store_true",
+                     help="decompose the weights alone even with --distill (the behaviour without images)")
     rec = p.add_argument_group("label-free recovery (optional; see nnunet-green-distill for all settings)")
     rec.add_argument("--distill", metavar="IMAGES_DIR",
                      help="after factorizing, train the compressed network to reproduce the dense network's logits "
@@ -121,6 +135,11 @@ def settings_from_args(args: argparse.Namespace):
     if "distill" not in given and (distill_given or "device" in given):
         opt = (distill_given or ["device"])[0]
         raise GreenError(f"--{opt.replace('_', '-')} needs --distill IMAGES_DIR")
+    if "calibrate" in given and given.get("weight_only"):
+        raise GreenError("give either --calibrate or --weight-only, not both")
+    if "calibration_patches" in given and ("calibrate" not in given and "distill" not in given
+                                           or given.get("weight_only")):
+        raise GreenError("--calibration-patches needs --calibrate IMAGES_DIR (or --distill IMAGES_DIR)")
     try:
         config = TuckerConfig(**{field: given[opt] for opt, field in CONFIG_FIELDS.items() if opt in given})
     except (TypeError, ValueError) as e:
@@ -128,6 +147,11 @@ def settings_from_args(args: argparse.Namespace):
     kwargs = {k: given[k] for k in ("folds", "checkpoint", "configuration", "half", "overwrite", "verify",
                                     "fast_path", "speed_check") if k in given}
     kwargs["progress"] = not args.quiet
+    if given.get("weight_only"):
+        kwargs["calibrate"] = False
+    elif "calibrate" in given or "calibration_patches" in given:  # with --distill alone: its images
+        kwargs["calibrate"] = {"images": given.get("calibrate", given.get("distill")),
+                               **({"patches": given["calibration_patches"]} if "calibration_patches" in given else {})}
     if "distill" in given:
         kwargs["distill"] = {"images": given["distill"], "progress": not args.quiet,
                              **({"device": given["device"]} if "device" in given else {}),
@@ -157,6 +181,11 @@ def main(argv=None) -> int:
               f"({t['params_after'] / t['params_before']:.1%}), MACs {t['macs_before']:,} -> {t['macs_after']:,} "
               f"({t['macs_after'] / t['macs_before']:.1%}) at patch {m['patch_size']}, folds {m['folds']}, "
               f"{t['decomposition_s']:.1f} s")
+        cal = m.get("calibration")
+        if cal:
+            print(f"  data-aware decomposition: {cal['patches']} calibration patches of {cal['images']} images")
+        else:
+            print("  weight-only decomposition (no calibration images)")
         fast = m.get("fast_path")
         if fast:
             measured = fast.get("measured")

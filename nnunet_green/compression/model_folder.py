@@ -8,7 +8,9 @@ checkpoint keeps its original `trainer_name` and `init_args`, so nnU-Net resolve
 One folder is compressed in named steps, each a function of its own: `resolve_source` (folds, checkpoints, trainer,
 configuration, as the predictor resolves them) -> `decompose_folds` -> `write_folder` (plans, checkpoints, the
 files nnU-Net's exporter needs) -> `verify_folder` (load it the way nnUNetv2_predict does, compare with the dense
-model) -> `build_manifest` (compression.json) -> optional distillation. The folder is written through
+model) -> `build_manifest` (compression.json) -> optional distillation. With calibration images,
+`calibration_patches` prepares the patches first and `decompose_folds` collects each fold's statistics with one
+dense forward before decomposing it data-aware. The folder is written through
 `nnunet_io.publish`: it appears complete or not at all, and temporaries of killed earlier runs are removed.
 """
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch
 from torch import nn
 
 import nnunet_green
-from nnunet_green.contract import (DATASET_FILE, DEFAULT_CHECKPOINT, FINGERPRINT_FILE, MANIFEST_FILE, PLANS_FILE,
-                                   PROGRESS_FILE, CompressionManifest, GreenError, write_json_atomic)
+from nnunet_green.contract import (DATASET_FILE, DECOMPOSITION_CALIBRATED, DECOMPOSITION_WEIGHT_ONLY,
+                                   DEFAULT_CALIBRATION_PATCHES, DEFAULT_CHECKPOINT, FINGERPRINT_FILE, MANIFEST_FILE,
+                                   PLANS_FILE, PROGRESS_FILE, CompressionManifest, GreenError, write_json_atomic)
 from nnunet_green.compression.fast_path import eager
 from nnunet_green.nnunet_io import ModelFolder, ModelFolderError, find_model_folders, io_channels, publish, sha256
 
@@ -51,24 +54,28 @@ class CompressionError(GreenError):
 def compress_model_folder(src, dst, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
                           configuration: str | None = None, half: bool = False, overwrite: bool = False,
                           progress: bool = False, verify: bool = True, distill: dict | None = None,
-                          fast_path: bool = True, speed_check: bool = True) -> dict:
+                          calibrate: dict | bool | None = None, fast_path: bool = True,
+                          speed_check: bool = True) -> dict:
     """Write a compressed copy of the model folder `src` to `dst` and return its manifest (as written to
     `dst/compression.json`). `config` is a `TuckerConfig` (default: TuckerConfig()). Nothing is written to `src`;
     `dst` appears only when everything succeeded. `distill`: keyword arguments of `distill_model_folder` (at least
-    `images`) to recover accuracy before the folder is published. `fast_path`: store the fast CPU inference
-    artefact in the checkpoints (fast_folder.py); `speed_check`: time dense vs compressed at the patch size."""
+    `images`) to recover accuracy before the folder is published. `calibrate`: {"images": folder, "patches": N,
+    "seed": 0} for a data-aware decomposition on those (unlabelled) images; None = the distillation images if
+    `distill` is given, else weight-only; False = weight-only. `fast_path`: store the fast CPU inference artefact
+    in the checkpoints (fast_folder.py); `speed_check`: time dense vs compressed at the patch size."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     _check_src_dst(src, dst, overwrite)
     ModelFolder(src).check()
     with publish(dst, overwrite) as tmp:
         return compress_into(src, tmp, config, folds, checkpoint, configuration, half, progress, verify, distill,
-                             fast_path, speed_check)
+                             calibrate, fast_path, speed_check)
 
 
 def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
                           configuration: str | None = None, half: bool = False, overwrite: bool = False,
                           progress: bool = False, verify: bool = True, distill: dict | None = None,
-                          fast_path: bool = True, speed_check: bool = True) -> list[dict]:
+                          calibrate: dict | bool | None = None, fast_path: bool = True,
+                          speed_check: bool = True) -> list[dict]:
     """Compress every model folder below a weights root (TotalSegmentator's `.../nnunet/results` or an nnU-Net
     results folder) into the same relative layout under `dst`; returns the manifests."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
@@ -83,7 +90,7 @@ def compress_weights_root(src, dst, config=None, folds=None, checkpoint: str = D
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 manifests.append(compress_into(folder, target, config, folds, checkpoint, configuration, half,
-                                               progress, verify, distill, fast_path, speed_check))
+                                               progress, verify, distill, calibrate, fast_path, speed_check))
             except GreenError as e:
                 raise CompressionError(f"{folder.relative_to(src)}: {e}") from None
     return manifests
@@ -104,7 +111,8 @@ def compress(src, dst, config=None, **kwargs) -> dict | list[dict]:
 
 def compress_into(src: Path, out: Path, config=None, folds=None, checkpoint: str = DEFAULT_CHECKPOINT,
                   configuration: str | None = None, half: bool = False, progress: bool = False, verify: bool = True,
-                  distill: dict | None = None, fast_path: bool = True, speed_check: bool = True) -> dict:
+                  distill: dict | None = None, calibrate: dict | bool | None = None, fast_path: bool = True,
+                  speed_check: bool = True) -> dict:
     """The steps for one model folder, written into the (new, empty) folder `out`; returns the manifest."""
     from nnunet_green.compression import TuckerConfig
 
@@ -112,7 +120,10 @@ def compress_into(src: Path, out: Path, config=None, folds=None, checkpoint: str
     source = resolve_source(src, folds, checkpoint, configuration)
     if distill is not None:  # bad images fail here, before minutes of decomposition
         check_distill_images(distill["images"], source.folder.dataset_json)
-    result = decompose_folds(source, config, half, progress)
+    if calibrate is None and distill is not None:
+        calibrate = {"images": distill["images"]}  # images at hand: the data-aware decomposition is the default
+    calibration = calibration_patches(source, calibrate, progress) if calibrate else None
+    result = decompose_folds(source, config, half, progress, calibration)
     carried = write_folder(source, result, out)
     verification = verify_folder(source, out) if verify else None
     manifest = build_manifest(source, result, config, half, verification, carried)
@@ -217,15 +228,48 @@ class Decomposition:
     rel_errors: dict[str, dict[str, float]]  # fold -> layer -> relative weight error
     states: dict[str, dict]                  # fold -> factorized state dict
     totals: dict = field(default_factory=dict)
+    calibration: dict | None = None          # the calibration record (None: weight-only)
 
 
-def decompose_folds(source: Source, config, half: bool = False, progress: bool = False) -> Decomposition:
+@dataclass
+class CalibrationPatches:
+    patches: list                            # (1, C, *patch) tensors, preprocessed as the predictor does
+    labels: list[str]                        # the image file of each patch (named in errors)
+    record: dict                             # images, source, patches, patch_size, preprocess_s, seed
+
+
+def calibration_patches(source: Source, calibrate: dict, progress: bool = False) -> CalibrationPatches:
+    """The calibration patches of `calibrate` ({"images", "patches", "seed"}), prepared once for every fold
+    (preprocessing depends on the plans only). Bad images raise CompressionError naming the file."""
+    from types import SimpleNamespace
+
+    from nnunet_green.compression.calibration import CalibrationError, image_patches
+
+    n_in, _ = io_channels(source.plans_manager, source.configuration_manager, source.folder.dataset_json)
+    model = SimpleNamespace(plans_manager=source.plans_manager, configuration_manager=source.configuration_manager,
+                            dataset_json=source.folder.dataset_json, num_input_channels=n_in)
+    try:
+        patches, labels, record = image_patches(model, calibrate["images"],
+                                                calibrate.get("patches", DEFAULT_CALIBRATION_PATCHES),
+                                                calibrate.get("seed", 0))
+    except CalibrationError as e:
+        raise CompressionError(f"--calibrate: {e}") from None
+    return CalibrationPatches(patches, labels, record)
+
+
+def decompose_folds(source: Source, config, half: bool = False, progress: bool = False,
+                    calibration: CalibrationPatches | None = None) -> Decomposition:
     """Factorize each fold's weights. A budgeted rule chooses the ranks on the first fold's weights and the other
-    folds are decomposed at those ranks (one plans.json holds one architecture)."""
+    folds are decomposed at those ranks (one plans.json holds one architecture). With `calibration`, each fold's
+    dense network first runs over the patches (`collect_statistics`) and the factors are data-aware."""
     from nnunet_green.compression import count_macs, param_count, tucker_
+    from nnunet_green.compression.calibration import CalibrationError, collect_statistics
+
+    from nnunet_green.compression.calibration import peak_rss_mb
 
     shape = source.input_shape
     result, t_total = None, 0.0
+    fold_calibration: dict[str, dict] = {}
     for f in _progress(source.folds, progress and len(source.folds) > 1, "folds"):
         net = source.dense_network()
         try:
@@ -237,12 +281,25 @@ def decompose_folds(source: Source, config, half: bool = False, progress: bool =
         if result is None:
             totals = {"params_before": param_count(net), "macs_before": int(count_macs(net, shape))}
         shared = None if result is None or config.budget is None else {k: tuple(v) for k, v in result.ranks.items()}
+        stats = None
+        if calibration is not None:
+            try:
+                stats = collect_statistics(net, calibration.patches, progress=progress,
+                                           label=lambda i: f"patch {i} of {calibration.labels[i]}")
+            except CalibrationError as e:
+                raise CompressionError(f"--calibrate: fold_{f}: {e}") from None
+            fold_calibration[f] = stats.record()
         t0 = time.perf_counter()
         try:
-            records = tucker_(net, config, progress=progress, input_shape=shape, ranks=shared)
+            records = tucker_(net, config, progress=progress, input_shape=shape, ranks=shared, calibration=stats)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CompressionError(f"fold_{f}: cannot factorize: {e}") from None
         t_total += time.perf_counter() - t0
+        if stats is not None:
+            fold_calibration[f]["decomposition_s"] = round(time.perf_counter() - t0, 2)
+            fold_calibration[f]["input_rank_deficient_layers"] = [r.name for r in records if r.input_rank_deficient]
+            fold_calibration[f]["process_peak_rss_mb"] = round(peak_rss_mb(), 1)
+            del stats
         ranks = {r.name: [int(r.rank_in), int(r.rank_out)] for r in records if r.factorized}
         if result is None:
             if not ranks:
@@ -258,6 +315,13 @@ def decompose_folds(source: Source, config, half: bool = False, progress: bool =
         result.states[f] = net.state_dict()
         del net
     result.totals["decomposition_s"] = round(t_total, 3)
+    if calibration is not None:
+        per_fold = [fold_calibration[f] for f in source.folds]
+        result.calibration = {**calibration.record, "ridge": config.ridge,
+                              "statistics": "one forward of each fold's dense network; per conv, input and output "
+                                            "channel covariances (per-instance centred before an InstanceNorm)",
+                              **(per_fold[0] if len(per_fold) == 1 else
+                                 {"folds": {f"fold_{f}": r for f, r in fold_calibration.items()}})}
     return result
 
 
@@ -350,8 +414,13 @@ def verify_folder(source: Source, out: Path) -> dict:
 # step 5: the manifest
 # --------------------------------------------------------------------------------------------------------------------
 
-def rank_rule(config, n_folds: int) -> str:
+def rank_rule(config, n_folds: int, calibration: dict | None = None) -> str:
     rule = config.describe()
+    if calibration:
+        if config.budget is not None:  # the budget was spent by CalibratedRanks
+            rule = (f"calibrated ranks: {config.budget:g} of the factorizable layers' {config.budget_cost} "
+                    "(output error on the calibration patches, greedy)")
+        rule += f"; data-aware factors from {calibration['patches']} calibration patches"
     if config.budget is not None and n_folds > 1:
         rule += "; ranks chosen on the first fold"
     return rule
@@ -377,7 +446,7 @@ def build_manifest(source: Source, result: Decomposition, config, half: bool, ve
         config={"rank_ratio": None if budgeted else config.rank_ratio, "budget": config.budget,
                 "budget_cost": config.budget_cost if budgeted else None, "min_rank": config.min_rank,
                 "round_to": config.round_to, "half": bool(half)},
-        rank_rule=rank_rule(config, len(folds)),
+        rank_rule=rank_rule(config, len(folds), result.calibration),
         configuration=source.configuration,
         patch_size=source.patch_size,
         folds=list(folds),
@@ -389,6 +458,8 @@ def build_manifest(source: Source, result: Decomposition, config, half: bool, ve
         dense_network_class=source.dense_class,
         verification=verification,
         carried_over=dict(carried_over),
+        decomposition=DECOMPOSITION_CALIBRATED if result.calibration else DECOMPOSITION_WEIGHT_ONLY,
+        calibration=result.calibration,
     )
 
 

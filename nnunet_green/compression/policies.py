@@ -8,8 +8,11 @@ Every policy has `plan(model, input_shape=None, filter_fn=None) -> RankPlan` and
 - `GivenRanks(ranks)`: exactly the named layers at the named ranks (a plan read back from plans.json, or ranks
   chosen on another fold).
 
-A data-aware policy (ranks from activations on calibration images) fits the same interface. All of them leave
-dense what `cost.dense_reason` (the one eligibility rule) refuses, with that reason in the plan.
+- `CalibratedRanks(budget, calibration, cost, min_rank, round_to, ridge)`: the same global budget, spent by the
+  output error each rank step costs as measured on calibration images (`calibration.collect_statistics`,
+  `data_aware.spectra`) instead of by the weights' singular values.
+
+All of them leave dense what `cost.dense_reason` (the one eligibility rule) refuses, with that reason in the plan.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from typing import Callable, Mapping, Protocol, runtime_checkable
 from torch import nn
 
 from nnunet_green.contract import DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO
+
+from .calibration import DEFAULT_RIDGE, CalibrationStats
 
 from .cost import check_factorizable, dense_reason, mac_fraction
 from .decompose import tucker_ranks
@@ -139,6 +144,45 @@ class BudgetedRanks:
         sel = select_ranks(model, self.budget, self.cost, input_shape=input_shape, min_rank=self.min_rank,
                            round_to=self.round_to, weights=None if self.weights is None else dict(self.weights),
                            filter_fn=filter_fn)
+        dense = dict(sel.skipped)
+        dense.update({c.name: f"kept dense: the {self.cost} budget buys more accuracy here than a factorization"
+                      for c in sel.layers if c.rank_in is None})
+        return RankPlan(dict(sel.ranks), dense, self.describe())
+
+
+@dataclass(frozen=True)
+class CalibratedRanks:
+    """budget: as BudgetedRanks, but each layer's error per rank step is the output error measured on calibration
+    images (input-mode whitened singular values and output-mode eigenvalues of `data_aware.spectra`, after the
+    following InstanceNorm where there is one), not the weights' singular-value energy. `calibration`: the
+    statistics of the model being planned (`calibration.collect_statistics`)."""
+    budget: float
+    calibration: CalibrationStats = field(compare=False, repr=False)
+    cost: str = "params"
+    min_rank: int = DEFAULT_MIN_RANK
+    round_to: int = DEFAULT_ROUND_TO
+    ridge: float = DEFAULT_RIDGE
+
+    def __post_init__(self):
+        BudgetedRanks(self.budget, self.cost, self.min_rank, self.round_to)  # same checks
+        if not isinstance(self.calibration, CalibrationStats):
+            raise TypeError("calibration must be the CalibrationStats of the model (calibration.collect_statistics)")
+
+    def describe(self) -> str:
+        return (f"calibrated ranks: {self.budget:g} of the factorizable layers' {self.cost} "
+                f"(output error on {self.calibration.patches} calibration patches, greedy)")
+
+    def plan(self, model: nn.Module, input_shape=None, filter_fn: FilterFn | None = None) -> RankPlan:
+        from .data_aware import spectra
+
+        convs = {name: conv for name, _, conv in unique_convs(model)}
+        energies = {}
+        for name, stats in self.calibration.layers.items():
+            if name in convs:
+                sp = spectra(convs[name], stats, self.ridge)
+                energies[name] = (sp.energy_out, sp.energy_in)
+        sel = select_ranks(model, self.budget, self.cost, input_shape=input_shape, min_rank=self.min_rank,
+                           round_to=self.round_to, filter_fn=filter_fn, spectra=energies)
         dense = dict(sel.skipped)
         dense.update({c.name: f"kept dense: the {self.cost} budget buys more accuracy here than a factorization"
                       for c in sel.layers if c.rank_in is None})

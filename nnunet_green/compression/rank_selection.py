@@ -87,14 +87,17 @@ def _tails(energy: torch.Tensor) -> list[float]:
 
 
 def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_shape=None, min_rank: int = 8,
-                 round_to: int = 8, weights: dict[str, float] | None = None, filter_fn=None) -> RankSelection:
+                 round_to: int = 8, weights: dict[str, float] | None = None, filter_fn=None,
+                 spectra: dict | None = None) -> RankSelection:
     """Per-layer (r_in, r_out) for the convs of `model` such that the factorized eligible layers cost at most
     `budget` x their dense cost (cost = "params", or "macs" which needs `input_shape` incl. batch).
 
     Objective minimised (greedily): sum over layers of weight * (estimated relative squared error), weight 1 by
     default, because every nnU-Net conv is followed by a normalisation that removes the weight's scale: what
     matters per layer is its relative error. Eligible layers: those `cost.dense_reason` accepts at `min_rank` and
-    `filter_fn(module, canonical_name)` (if given) keeps."""
+    `filter_fn(module, canonical_name)` (if given) keeps. `spectra` ({name: (energy_out, energy_in)}, e.g. from
+    calibration statistics) replaces the weights' singular values; each mode's kept fraction is then taken of its
+    own total, and layers without an entry stay dense."""
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget < 1.0:
@@ -123,11 +126,17 @@ def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_sh
                     continue
                 dense_c = float(dense_macs[name])
                 cost_fn = (lambda c, d: (lambda ri, ro: d * mac_fraction(c, ri, ro)))(conv, dense_c)
-            e_out, e_in = channel_spectra(conv.weight, isinstance(conv, TRANSPOSED_CONVS))
-            norm2 = max(float(e_out.sum()), 1e-30)
+            if spectra is None:
+                e_out, e_in = channel_spectra(conv.weight, isinstance(conv, TRANSPOSED_CONVS))
+            elif name in spectra:
+                e_out, e_in = spectra[name]
+            else:
+                skipped[name] = "no calibration statistics (not called by the calibration forward)"
+                continue
             w = 1.0 if weights is None else float(weights.get(name, 1.0))
             layers.append(dict(name=name, conv=conv, dense=dense_c, k=math.prod(conv.kernel_size), cost_fn=cost_fn,
-                               norm2=norm2, w=w, tail_out=_tails(e_out), tail_in=_tails(e_in),
+                               norm_out=max(float(e_out.sum()), 1e-30), norm_in=max(float(e_in.sum()), 1e-30),
+                               w=w, tail_out=_tails(e_out), tail_in=_tails(e_in),
                                c_in=rank_candidates(conv.in_channels, min_rank, round_to),
                                c_out=rank_candidates(conv.out_channels, min_rank, round_to)))
     if not layers:
@@ -137,8 +146,8 @@ def select_ranks(model: nn.Module, budget: float, cost: str = "params", input_sh
     def err(layer, i_in, i_out):  # weighted relative squared error estimate at candidate indices
         if layer.get("is_dense"):
             return 0.0
-        kept_in = 1.0 - layer["tail_in"][layer["c_in"][i_in]] / layer["norm2"]
-        kept_out = 1.0 - layer["tail_out"][layer["c_out"][i_out]] / layer["norm2"]
+        kept_in = 1.0 - layer["tail_in"][layer["c_in"][i_in]] / layer["norm_in"]
+        kept_out = 1.0 - layer["tail_out"][layer["c_out"][i_out]] / layer["norm_out"]
         return layer["w"] * max(0.0, 1.0 - kept_in * kept_out)
 
     def cur_cost(layer):

@@ -67,22 +67,34 @@ def preprocess_case(model, files: list[str]) -> np.ndarray:
     """One case as `nnUNetv2_predict` feeds it to the network: the plans' own preprocessor (reader, transpose,
     crop, normalisation, resampling), then zero-padded to at least the patch size like the sliding window.
     `model` is a `nnunet_io.LoadedModel`."""
+    return pad_to_patch(model, read_case(model, files)[0])
+
+
+def pad_to_patch(model, data: np.ndarray) -> np.ndarray:
+    """Zero-pad a preprocessed case to at least the patch size, as the predictor's sliding window does."""
     import torch
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
+    data = torch.from_numpy(data)  # the predictor pads a tensor
+    data, _ = pad_nd_image(data, list(model.configuration_manager.patch_size), "constant", {"value": 0}, True, None)
+    return np.ascontiguousarray(data.numpy(), dtype=np.float32)
+
+
+def read_case(model, files: list[str]) -> tuple[np.ndarray, dict]:
+    """One case through the plans' preprocessor, not padded: (float32 C x spatial, nnU-Net's properties of the case,
+    e.g. `shape_before_cropping` = the image as read)."""
     cm = model.configuration_manager
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            data, _, _ = cm.preprocessor_class(verbose=False).run_case(files, None, model.plans_manager, cm,
-                                                                       model.dataset_json)
+            data, _, properties = cm.preprocessor_class(verbose=False).run_case(files, None, model.plans_manager, cm,
+                                                                                model.dataset_json)
     except Exception as e:  # readers raise anything for unreadable files
-        raise ImagesError(f"cannot read/preprocess {files[0]}: {type(e).__name__}: {e}") from None
+        reason = " ".join(str(e).split())  # readers' messages span lines; the error is one line
+        raise ImagesError(f"cannot read/preprocess {files[0]}: {type(e).__name__}: {reason}") from None
     if data.shape[0] != model.num_input_channels:
         raise ImagesError(f"{files[0]} has {data.shape[0]} channel(s) after reading, the model expects "
                           f"{model.num_input_channels}")
-    data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))  # the predictor pads a tensor
-    data, _ = pad_nd_image(data, list(cm.patch_size), "constant", {"value": 0}, True, None)
-    return np.ascontiguousarray(data.numpy(), dtype=np.float32)
+    return np.ascontiguousarray(data, dtype=np.float32), properties
 
 
 class CaseCache:

@@ -1,0 +1,239 @@
+"""Data-aware (calibrated) vs weight-only Tucker-2 decomposition: zero-shot and distilled agreement, and the cost.
+
+`sweep` (default): for each rank ratio, compress one dense model folder six ways with nnunet-green's own
+functions - uniform ratio / budgeted ranks at the uniform model's parameter fraction / at its multiply-add fraction,
+each weight-only and calibrated (`--calibrate` on at most --calibration-images unlabelled training images) - and,
+for --distill-ratios, distil the uniform weight-only and calibrated variants with the same budget. Every variant
+is predicted on held-out images by the stock predictor and scored by nnunet-green-bench's functions (agreement Dice
+with the dense model, Dice vs labels). Writes OUT/calibration.json and .md.
+
+`cost`: calibration + decomposition of the whole TotalSegmentator 1.5 mm architecture (random weights, PlainConvUNet
+as in its plans) at rank ratio 0.12 on N patches of 128^3 (random, CT-like intensities: the cost does not depend on
+the values), timed by phase in a fresh process, with the peak resident memory. Writes OUT/calibration_cost.json.
+
+  python benchmarks/calibration.py sweep --data ../shared/data/Task04_Hippocampus --work work/recovery_hippocampus \\
+      --n-train 60 --n-test 20 --epochs 3 --iters 50 --ratios 0.05 0.12 0.25 0.5 --distill-ratios 0.12 -o bench_out
+  python benchmarks/calibration.py cost --patches 8 --size 128 -o bench_out
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def calibration_images(images: Path, out: Path, n: int) -> Path:
+    """A folder of links to the first `n` cases of `images` (nnU-Net naming): the calibration set."""
+    out.mkdir(parents=True, exist_ok=True)
+    cases = sorted({p.name.rsplit("_", 1)[0] for p in images.glob("*_0000.nii.gz")})[:n]
+    for case in cases:
+        for f in images.glob(f"{case}_*.nii.gz"):
+            link = out / f.name
+            if not link.exists():
+                link.symlink_to(f.absolute())
+    return out
+
+
+def sweep(args) -> int:
+    from nnunet_green.compression import TuckerConfig
+    from nnunet_green.compression.model_folder import compress_model_folder
+    from nnunet_green.contract import MANIFEST_FILE
+    from nnunet_green.evaluation.bench import bench
+    from nnunet_green.evaluation.experiment import equal_budget, train_msd_subset, write_result
+    from nnunet_green.recovery import distill_model_folder
+
+    if args.data is not None:
+        work = args.work.absolute()
+        dense, images, labels = train_msd_subset(args.data.absolute(), work, args.n_train, args.n_test, args.epochs,
+                                                 args.iters, val_iters=2, fold=args.fold)
+        train_images = work / "raw" / "Dataset004_Hippocampus" / "imagesTr"
+    else:
+        dense, images, labels, train_images = args.model, args.images, args.labels, args.train_images
+    out = args.output.absolute()
+    models = out / "calibration_models"
+    models.mkdir(parents=True, exist_ok=True)
+    cal_dir = calibration_images(Path(train_images), models / "calibration_images", args.calibration_images)
+    calibrate = {"images": cal_dir, "patches": args.calibration_patches}
+
+    variants = []  # (folder, row)
+
+    def add(name: str, config, calibrated: bool, meta: dict) -> Path:
+        folder = models / name
+        t0 = time.perf_counter()
+        compress_model_folder(dense, folder, config, folds=[args.fold], overwrite=True,
+                              calibrate=calibrate if calibrated else False)
+        m = json.loads((folder / MANIFEST_FILE).read_text())
+        row = {**meta, "decomposition": m["decomposition"], "recovery": "zero-shot",
+               "compress_s": round(time.perf_counter() - t0, 1), "rank_rule": m["rank_rule"],
+               "calibration_s": (m.get("calibration") or {}).get("statistics_s")}
+        variants.append((folder, row))
+        print(f"+ {name}: {row['compress_s']} s", file=sys.stderr, flush=True)
+        return folder
+
+    for ratio in args.ratios:
+        uni = {}
+        for calibrated in (False, True):
+            tag = "cal" if calibrated else "w"
+            uni[calibrated] = add(f"r{ratio:g}-uniform-{tag}", TuckerConfig(rank_ratio=ratio), calibrated,
+                                  {"ratio": ratio, "ranks": "uniform", "budget": None})
+        manifest = json.loads((uni[False] / MANIFEST_FILE).read_text())
+        for cost in args.budget_costs:
+            budget = equal_budget(manifest, cost)
+            for calibrated in (False, True):
+                tag = "cal" if calibrated else "w"
+                add(f"r{ratio:g}-budget-{cost}-{tag}", TuckerConfig(budget=budget, budget_cost=cost), calibrated,
+                    {"ratio": ratio, "ranks": f"budgeted ({cost})", "budget": round(budget, 4)})
+        if ratio in args.distill_ratios:
+            for calibrated, folder in uni.items():
+                target = models / f"{folder.name}-distilled"
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(folder, target)
+                rec = distill_model_folder(target, train_images, steps=args.steps, lr=args.lr,
+                                           batch_size=args.batch_size, folds=[args.fold], seed=0, progress=False)
+                base = dict(next(r for f, r in variants if f == folder))
+                variants.append((target, {**base, "recovery": "distilled", "distill_s": rec["seconds"],
+                                          "distill_settings": f"{rec['steps_done']} steps x {args.batch_size} "
+                                                              f"patches, AdamW lr {args.lr}"}))
+                print(f"+ {target.name}: {rec['seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    result = bench([Path(dense)] + [v[0] for v in variants], out / "calibration_bench", repeats=1, warmup=0,
+                   images=images, labels=labels, fold=args.fold, disable_tta=True)
+    ref = result["models"][0]
+    rows = [{**meta, "folder": str(folder), "params": row["params"], "macs": row["macs"],
+             "agreement_dice": row["agreement_dice"], "dice_vs_labels": row["dice_vs_labels"]}
+            for (folder, meta), row in zip(variants, result["models"][1:])]
+    summary = {"format": "nnunet-green-calibration/1",
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+               "machine": result["machine"], "dense": {"folder": str(dense), "params": ref["params"],
+                                                       "macs": ref["macs"], "dice_vs_labels": ref["dice_vs_labels"],
+                                                       "n_cases_scored": ref.get("n_cases")},
+               "calibration": {"images": args.calibration_images, "patches": args.calibration_patches,
+                               "source": str(cal_dir)}, "variants": rows}
+    write_result(out, "calibration", summary, sweep_markdown(summary))
+    return 0
+
+
+def sweep_markdown(s: dict) -> str:
+    f = lambda v, spec=".4f": "–" if v is None else format(v, spec)  # noqa: E731
+    d = s["dense"]
+    lines = ["# Data-aware (calibrated) vs weight-only Tucker-2", "", f"Command: `{s['command']}`  ",
+             f"Machine: {s['machine']['cpu']}, {s['machine']['cpu_count']} CPUs, GPU {s['machine']['gpu'] or 'none'}, "
+             f"torch {s['machine']['torch']}; {f(d.get('n_cases_scored'), 'd')} held-out cases, no test-time "
+             f"mirroring; calibration: {s['calibration']['patches']} patches of {s['calibration']['images']} "
+             "unlabelled training images.", "",
+             f"Dense: {d['params']:,} params, Dice vs labels {f(d['dice_vs_labels'])}.", "",
+             "| ratio | ranks | decomposition | recovery | params kept | MACs kept | agreement Dice | Dice vs labels "
+             "| calibration s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in s["variants"]:
+        lines.append(f"| {r['ratio']:g} | {r['ranks']} | {r['decomposition']} | {r['recovery']} "
+                     f"| {r['params'] / d['params']:.1%} | {r['macs'] / d['macs']:.1%} | {f(r['agreement_dice'])} "
+                     f"| {f(r['dice_vs_labels'])} | {f(r.get('calibration_s'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def cost(args) -> int:
+    import copy
+
+    import torch
+
+    from nnunet_green.compression import TuckerConfig, collect_statistics, tucker_
+    from nnunet_green.compression.calibration import peak_rss_mb
+    from nnunet_green.evaluation.experiment import write_result
+    from nnunet_green.evaluation.machine import machine_info
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from compression_cpu import MODELS, ts_network
+
+    torch.manual_seed(0)
+    spec = MODELS["ts_1.5mm"]
+    net = ts_network(spec["stages"], spec["num_classes"]).eval()
+    shape = (1, 1, *([args.size] * 3))
+    gen = torch.Generator().manual_seed(0)
+    patches = [torch.randn(shape, generator=gen) for _ in range(args.patches)]
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        net(patches[0])
+    one_forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats = collect_statistics(net, patches, progress=True)
+    t_stats = time.perf_counter() - t0
+    rss_stats = peak_rss_mb()
+    t0 = time.perf_counter()
+    records = tucker_(copy.deepcopy(net), TuckerConfig(rank_ratio=0.12), calibration=stats)
+    t_dec = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tucker_(copy.deepcopy(net), TuckerConfig(rank_ratio=0.12))
+    t_weight = time.perf_counter() - t0
+    result = {"format": "nnunet-green-calibration-cost/1", "machine": machine_info(),
+              "command": " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+              "torch_threads": torch.get_num_threads(), "network": "ts_1.5mm (PlainConvUNet, random weights)",
+              "patches": args.patches, "patch": list(shape[2:]), "one_dense_forward_s": round(one_forward, 2),
+              "statistics_s": round(t_stats, 2), "statistics_hooks_s": stats.extra["statistics_hooks_s"],
+              "calibrated_decomposition_s": round(t_dec, 2),
+              "weight_only_decomposition_s": round(t_weight, 2),
+              "calibration_total_s": round(t_stats + t_dec, 2),
+              "peak_rss_mb_before": round(rss0, 1), "peak_rss_mb_after_statistics": round(rss_stats, 1),
+              "layers_calibrated": sum(1 for r in records if r.decomposition == "calibrated")}
+    md = ["# Calibration cost, TotalSegmentator 1.5 mm architecture", "", f"Command: `{result['command']}`  ",
+          f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, torch threads "
+          f"{result['torch_threads']}.", "",
+          "| patches | one dense forward s | statistics s (of which in hooks) | calibrated decomposition s "
+          "| weight-only decomposition s | calibration total s | peak RSS MB (before / after statistics) |",
+          "|---|---|---|---|---|---|---|",
+          f"| {args.patches} × {args.size}³ | {result['one_dense_forward_s']} | {result['statistics_s']} "
+          f"({result['statistics_hooks_s']}) "
+          f"| {result['calibrated_decomposition_s']} | {result['weight_only_decomposition_s']} "
+          f"| {result['calibration_total_s']} | {result['peak_rss_mb_before']} / "
+          f"{result['peak_rss_mb_after_statistics']} |"]
+    write_result(args.output.absolute(), "calibration_cost", result, "\n".join(md) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("sweep", help="weight-only vs calibrated on a Hippocampus model")
+    s.add_argument("--data", type=Path, help="MSD task folder: trains (or reuses) the dense model in --work")
+    s.add_argument("--work", type=Path, default=REPO / "work" / "recovery_hippocampus")
+    s.add_argument("--n-train", type=int, default=60)
+    s.add_argument("--n-test", type=int, default=20)
+    s.add_argument("--epochs", type=int, default=12)
+    s.add_argument("--iters", type=int, default=75)
+    s.add_argument("--model", type=Path, help="dense model folder (instead of --data)")
+    s.add_argument("--images", type=Path, help="held-out images (with --model)")
+    s.add_argument("--labels", type=Path, help="their labels (with --model)")
+    s.add_argument("--train-images", type=Path, help="unlabelled training images (with --model)")
+    s.add_argument("--calibration-images", type=int, default=32, help="at most this many training images")
+    s.add_argument("--calibration-patches", type=int, default=32)
+    s.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.12, 0.25, 0.5])
+    s.add_argument("--budget-costs", nargs="*", choices=("params", "macs"), default=["params", "macs"])
+    s.add_argument("--distill-ratios", nargs="*", type=float, default=[0.12])
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--batch-size", type=int, default=2)
+    s.add_argument("-f", "--fold", default="0")
+    s.add_argument("-o", "--output", type=Path, default=REPO / "bench_out")
+    c = sub.add_parser("cost", help="calibration time and memory on the TS-1.5mm architecture")
+    c.add_argument("--patches", type=int, default=8)
+    c.add_argument("--size", type=int, default=128)
+    c.add_argument("-o", "--output", type=Path, default=REPO / "bench_out")
+    args = p.parse_args(argv)
+    if args.mode == "sweep" and args.data is None and None in (args.model, args.images, args.labels,
+                                                               args.train_images):
+        p.error("sweep: give --data, or --model with --images, --labels and --train-images")
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+    return sweep(args) if args.mode == "sweep" else cost(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
