@@ -190,7 +190,8 @@ def test_compress_cli_calibrate_real_model_stock_predict(hippocampus, trained_fp
     images = hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr"
     calibrated = tmp_path / "calibrated"
     proc = run_cli("nnunet-green-compress", "-i", dense_folder, "-o", calibrated, "--rank-ratio", 0.12,
-                   "--calibrate", images, "--calibration-patches", 6, "-q", env=hippocampus.env())
+                   "--calibrate", images, "--calibration-patches", 6, "-q", "--no-speed-check",
+                   env=hippocampus.env())
     assert "data-aware decomposition: 6 calibration patches of 6 images" in proc.stdout
     m = json.loads((calibrated / "compression.json").read_text())
     assert m["decomposition"] == "calibrated" and m["rank_rule"].endswith("data-aware factors from 6 calibration "
@@ -202,7 +203,7 @@ def test_compress_cli_calibrate_real_model_stock_predict(hippocampus, trained_fp
     assert factorized and all(lay["decomposition"] == "calibrated" and 0 <= lay["est_output_rel_error"] <= 1
                               for lay in factorized)
     weight_only = tmp_path / "weight_only"
-    w = compress_model_folder(dense_folder, weight_only, m_config(m))
+    w = compress_model_folder(dense_folder, weight_only, m_config(m), fast_path=False, speed_check=False)
     assert w["decomposition"] == "weight-only" and w["calibration"] is None
 
     pred = tmp_path / "pred"
