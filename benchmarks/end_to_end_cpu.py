@@ -229,7 +229,7 @@ def check_parts(compressed_folder: Path, images: Path, work: Path) -> dict:
     walls, said = [], []
     for part in (0, 1):
         log(f"  nnUNetv2_predict -num_parts 2 -part_id {part} on the compressed folder")
-        cmd = ["nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", dataset, "-tr", trainer, "-p", plans,
+        cmd = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", dataset, "-tr", trainer, "-p", plans,
                "-c", conf, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "-num_parts", "2",
                "-part_id", str(part)]
         t0 = time.perf_counter()
