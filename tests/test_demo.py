@@ -57,7 +57,7 @@ def test_reduced_demo_end_to_end(tmp_path):
 
     dense, compressed = report["compression"]["rows"]
     assert compressed["rank_ratio"] == 0.12 and dense["rank_ratio"] is None
-    assert compressed["rule"] == "ratio 0.12 + distilled"
+    assert compressed["rule"] == "ratio 0.12 calibrated + distilled"  # images at hand: data-aware factors
     assert compressed["recovery"]["kind"] == "distilled" and compressed["recovery"]["steps"] == 2
     assert compressed["params_removed_frac"] > 0.8 and compressed["macs_ratio"] < 0.3
     assert 0 <= compressed["agreement_dice"] <= 1

@@ -205,7 +205,7 @@ class Demo:
         recovery = ["--distill", images, "--distill-steps", steps, "--distill-minutes", 2,
                     "--device", self.device] if steps else []
         self.step(f"nnunet-green-compress --rank-ratio {self.args.rank_ratio}"
-                  + (f" --distill ({steps} label-free steps)" if steps else "") + f" ({dense.name})")
+                  + (f" --distill ({steps} label-free steps, factors calibrated on the same images)" if steps else "") + f" ({dense.name})")
         target = self.out / "compressed" / dense.name
         self.run("compress", "nnunet-green-compress", "-i", dense, "-o", target,
                  "--rank-ratio", self.args.rank_ratio, *recovery, "-q")
