@@ -227,6 +227,19 @@ class ModelFolder:
     def checkpoint_path(self, fold: str, checkpoint: str = DEFAULT_CHECKPOINT) -> Path:
         return self.path / f"fold_{fold}" / checkpoint
 
+    def save_checkpoint(self, fold: str, checkpoint_dict: dict, checkpoint: str = DEFAULT_CHECKPOINT) -> None:
+        """Replace a fold's checkpoint atomically (written beside it, then renamed): a killed run leaves the old
+        file, never half of a new one."""
+        import torch
+
+        path = self.checkpoint_path(fold, checkpoint)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            torch.save(checkpoint_dict, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def load_checkpoint(self, fold: str, checkpoint: str = DEFAULT_CHECKPOINT) -> dict:
         return load_checkpoint(self.checkpoint_path(fold, checkpoint))
 

@@ -9,9 +9,7 @@ stale or missing artefact, or with --check only reports the state of each fold.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 import warnings
 from pathlib import Path
 
@@ -32,15 +30,9 @@ def fold_input_shape(loaded) -> tuple[int, ...]:
 
 def write_artefact(folder: ModelFolder, fold: str, checkpoint: str, blob: torch.Tensor) -> None:
     """Replace the fold's checkpoint with one whose network_weights carry `blob` (atomic)."""
-    path = folder.checkpoint_path(fold, checkpoint)
     ck = folder.load_checkpoint(fold, checkpoint)
     ck["network_weights"][FAST_PATH_ARTEFACT_KEY] = blob.detach().cpu().clone()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(ck, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    folder.save_checkpoint(fold, ck, checkpoint)
 
 
 def fold_status(loaded) -> str:

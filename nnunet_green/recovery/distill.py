@@ -10,10 +10,8 @@ its compression.json under "recovery" (`"kind": "distilled"`).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -338,13 +336,7 @@ def _weights_dtype(state: dict) -> torch.dtype:
 def save_weights(folder: ModelFolder, fold: str, checkpoint: str, network: nn.Module) -> None:
     """The fold's checkpoint with `network`'s weights, in the dtype the folder stored (half stays half), trainer
     name and init args kept; replaced atomically (written beside, then renamed)."""
-    path = folder.checkpoint_path(fold, checkpoint)
     ck = folder.load_checkpoint(fold, checkpoint)
     network = network.to("cpu").to(_weights_dtype(ck["network_weights"]))  # whole module: aliases stay shared
     ck["network_weights"] = network.state_dict()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(ck, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    folder.save_checkpoint(fold, ck, checkpoint)
