@@ -46,7 +46,7 @@ def sweep(args) -> int:
     from nnunet_green.compression.model_folder import compress_model_folder
     from nnunet_green.contract import MANIFEST_FILE
     from nnunet_green.evaluation.bench import bench
-    from nnunet_green.evaluation.experiment import equal_budget, train_msd_subset, write_result
+    from nnunet_green.evaluation.experiment import equal_budget, train_msd_subset, variant_rows, write_result
     from nnunet_green.recovery import distill_model_folder
 
     if args.data is not None:
@@ -107,9 +107,7 @@ def sweep(args) -> int:
     result = bench([Path(dense)] + [v[0] for v in variants], out / "calibration_bench", repeats=1, warmup=0,
                    images=images, labels=labels, fold=args.fold, disable_tta=True)
     ref = result["models"][0]
-    rows = [{**meta, "folder": str(folder), "params": row["params"], "macs": row["macs"],
-             "agreement_dice": row["agreement_dice"], "dice_vs_labels": row["dice_vs_labels"]}
-            for (folder, meta), row in zip(variants, result["models"][1:])]
+    rows = variant_rows(result, variants)
     summary = {"format": "nnunet-green-calibration/1",
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from nnunet_green.contract import (FINETUNE_TRAINER, MANIFEST_FILE, RECOVERY_DISTILLED, RECOVERY_FINETUNED,
                                    GreenSettings, env_name)
-from nnunet_green.evaluation.experiment import equal_budget, training_cost, write_result
+from nnunet_green.evaluation.experiment import equal_budget, training_cost, variant_rows, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("uniform", "budgeted", "budgeted-macs")
@@ -171,9 +171,7 @@ def main(argv=None) -> int:
     result = bench([dense] + [v[0] for v in variants], out / "recovery_bench", device=args.device, repeats=1,
                    warmup=0, images=images, labels=labels, fold=args.fold, disable_tta=not args.tta)
     ref = result["models"][0]
-    rows = [{**meta, "folder": str(folder), "params": row["params"], "macs": row["macs"],
-             "agreement_dice": row["agreement_dice"], "dice_vs_labels": row["dice_vs_labels"]}
-            for (folder, meta), row in zip(variants, result["models"][1:])]
+    rows = variant_rows(result, variants)
     summary = {"format": "nnunet-green-recovery/1",
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),

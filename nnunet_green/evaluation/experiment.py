@@ -173,6 +173,14 @@ def equal_budget(manifest: dict, cost: str = "params") -> float:
     return sum(lay[f"{cost}_after"] for lay in eligible) / sum(lay[f"{cost}_before"] for lay in eligible)
 
 
+def variant_rows(result: dict, variants: list) -> list[dict]:
+    """One row per compressed variant of a bench result whose first model is the dense reference: the variant's own
+    metadata (`variants`: [(folder, meta dict)], in bench order) with its size and accuracy figures."""
+    return [{**meta, "folder": str(folder), "params": row["params"], "macs": row["macs"],
+             "agreement_dice": row["agreement_dice"], "dice_vs_labels": row["dice_vs_labels"]}
+            for (folder, meta), row in zip(variants, result["models"][1:])]
+
+
 def write_result(folder: Path, stem: str, result: dict, markdown: str) -> None:
     """A benchmark's record: `stem.json` (written atomically) and `stem.md` in `folder`; the markdown is printed."""
     from nnunet_green.contract import write_json_atomic
