@@ -65,6 +65,19 @@ class NnUNetEnv:
         return self.results / "Dataset004_Hippocampus" / f"{trainer}__nnUNetPlans__3d_fullres"
 
 
+def assert_compress_refuses(source: Path, out: Path, cases, capsys) -> None:
+    """Each (extra arguments, message) of `nnunet-green-compress -i SOURCE -o OUT -q ...`, in-process: exit 2, one
+    error line naming the problem, and nothing written under OUT's parent."""
+    from nnunet_green.compression.cli import main
+
+    for extra, message in cases:
+        code = main(["-i", str(source), "-o", str(out), "-q", *extra])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, lines)
+        assert lines[0].startswith("nnunet-green-compress: error: ")
+        assert not out.parent.exists()
+
+
 @pytest.fixture(scope="session")
 def hippocampus(tmp_path_factory) -> NnUNetEnv:
     """Six real Hippocampus cases converted and planned with the real CLIs; two held-out cases in `test_images`."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import assert_compress_refuses, run_cli
 
 from nnunet_green.compression import (CalibratedRanks, CalibrationError, GivenRanks, TuckerConfig, UniformRanks,
                                       collect_statistics, tucker_)
@@ -137,8 +137,6 @@ def test_compress_cli_calibrate_bad_input(hippocampus, trained_fp32, tmp_path, c
     tested in-process above.)"""
     import nibabel as nib
 
-    from nnunet_green.compression.cli import main
-
     src = sorted(hippocampus.test_images.glob("*_0000.nii.gz"))[0]
     img = nib.load(src)
 
@@ -168,12 +166,7 @@ def test_compress_cli_calibrate_bad_input(hippocampus, trained_fp32, tmp_path, c
              (["--calibrate", str(empty), "--weight-only"], "not both"),
              (["--calibration-patches", "4"], "needs --calibrate"),
              (["--calibrate", str(channels), "--calibration-patches", "0"], "positive integer")]
-    for extra, message in cases:
-        code = main(["-i", str(trained_fp32.parent), "-o", str(out), "-q", *extra])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, lines)
-        assert lines[0].startswith("nnunet-green-compress: error: ")
-        assert not (tmp_path / "out").exists()
+    assert_compress_refuses(trained_fp32.parent, out, cases, capsys)
 
 
 def test_compress_cli_calibrate_real_model_stock_predict(hippocampus, trained_fp32, tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_compress_refuses, run_cli
 
 FINETUNE = "nnUNetTrainerTuckerFinetune"
 TUCKER_NETWORK = "nnunet_green.compression.network.TuckerFactorizedNetwork"
@@ -245,8 +245,6 @@ def test_compress_cli_budget_and_distill_in_one_command(hippocampus, trained_fp3
 
 def test_compress_cli_recovery_bad_input(trained_fp32, images_like, tmp_path, capsys):
     """Bad rule/distillation arguments: one line, exit 2, nothing written."""
-    from nnunet_green.compression.cli import main
-
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out" / "model"
@@ -255,12 +253,7 @@ def test_compress_cli_recovery_bad_input(trained_fp32, images_like, tmp_path, ca
              (["--distill-steps", "3"], "needs --distill"),
              (["--distill", str(empty)], "no images in"),
              (["--distill", str(images_like([0, 1]))], "expects 1 channel")]
-    for extra, message in cases:
-        code = main(["-i", str(trained_fp32.parent), "-o", str(out), "-q", *extra])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, lines)
-        assert lines[0].startswith("nnunet-green-compress: error: ")
-        assert not (tmp_path / "out").exists()
+    assert_compress_refuses(trained_fp32.parent, out, cases, capsys)
 
 
 # ------------------------------------------------------------------------------------------------------------------
