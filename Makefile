@@ -55,7 +55,8 @@ bench-recovery: install
 # of bench-recovery's work folder (trained first if absent), then the calibration cost on the TS-1.5mm architecture.
 bench-calibration: install
 	$(PY) benchmarks/calibration.py sweep --data $(NNUNET_GREEN_DATA)/Task04_Hippocampus --n-train 60 --n-test 20 \
-	    --epochs 12 --iters 75 --ratios 0.05 0.12 0.25 0.5 --distill-ratios 0.12 --steps 300 -o bench_out
+	    --epochs 12 --iters 75 --ratios 0.05 0.12 0.25 0.5 --distill-ratios 0.12 --finetune-ratios 0.12 \
+	    --steps 300 -o bench_out
 	$(PY) benchmarks/calibration.py cost --patches 8 --size 128 -o bench_out
 
 # Green trainers on one GPU (docs/benchmarks.md): 6 trainers x 2 epochs x 25 iterations on Hippocampus + the loader

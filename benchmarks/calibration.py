@@ -3,8 +3,9 @@
 `sweep` (default): for each rank ratio, compress one dense model folder six ways with nnunet-green's own
 functions - uniform ratio / budgeted ranks at the uniform model's parameter fraction / at its multiply-add fraction,
 each weight-only and calibrated (`--calibrate` on at most --calibration-images unlabelled training images) - and,
-for --distill-ratios, distil the uniform weight-only and calibrated variants with the same budget. Every variant
-is predicted on held-out images by the stock predictor and scored by nnunet-green-bench's functions (agreement Dice
+for --distill-ratios, distil the uniform weight-only and calibrated variants with the same budget; for
+--finetune-ratios (needs --data), fine-tune both with labels (nnUNetTrainerTuckerFinetune through nnUNetv2_train).
+Every variant is predicted on held-out images by the stock predictor and scored by nnunet-green-bench's functions (agreement Dice
 with the dense model, Dice vs labels). Writes OUT/calibration.json and .md.
 
 `cost`: calibration + decomposition of the whole TotalSegmentator 1.5 mm architecture (random weights, PlainConvUNet
@@ -46,7 +47,7 @@ def sweep(args) -> int:
     from nnunet_green.compression.model_folder import compress_model_folder
     from nnunet_green.contract import MANIFEST_FILE
     from nnunet_green.evaluation.bench import bench
-    from nnunet_green.evaluation.experiment import equal_budget, train_msd_subset, variant_rows, write_result
+    from nnunet_green.evaluation.experiment import equal_budget, finetune, train_msd_subset, variant_rows, write_result
     from nnunet_green.recovery import distill_model_folder
 
     if args.data is not None:
@@ -54,7 +55,11 @@ def sweep(args) -> int:
         dense, images, labels = train_msd_subset(args.data.absolute(), work, args.n_train, args.n_test, args.epochs,
                                                  args.iters, val_iters=2, fold=args.fold)
         train_images = work / "raw" / "Dataset004_Hippocampus" / "imagesTr"
+        os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
+                          nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1")
     else:
+        if args.finetune_ratios:
+            sys.exit("--finetune-ratios needs --data (the labelled training set of the dense model)")
         dense, images, labels, train_images = args.model, args.images, args.labels, args.train_images
     out = args.output.absolute()
     models = out / "calibration_models"
@@ -67,8 +72,8 @@ def sweep(args) -> int:
     def add(name: str, config, calibrated: bool, meta: dict) -> Path:
         folder = models / name
         t0 = time.perf_counter()
-        compress_model_folder(dense, folder, config, folds=[args.fold], overwrite=True,
-                              calibrate=calibrate if calibrated else False)
+        compress_model_folder(dense, folder, config, folds=[args.fold], overwrite=True, speed_check=False,
+                              calibrate=calibrate if calibrated else False)  # accuracy study: no timing
         m = json.loads((folder / MANIFEST_FILE).read_text())
         row = {**meta, "decomposition": m["decomposition"], "recovery": "zero-shot",
                "compress_s": round(time.perf_counter() - t0, 1), "rank_rule": m["rank_rule"],
@@ -103,6 +108,15 @@ def sweep(args) -> int:
                                           "distill_settings": f"{rec['steps_done']} steps x {args.batch_size} "
                                                               f"patches, AdamW lr {args.lr}"}))
                 print(f"+ {target.name}: {rec['seconds']:.0f} s", file=sys.stderr, flush=True)
+        if ratio in args.finetune_ratios:
+            dense_path = Path(dense)
+            for folder in uni.values():
+                target = models / f"{folder.name}-finetuned"
+                cost = finetune(folder, dense_path.parent.name, dense_path.name.split("__")[-1], args.fold,
+                                args.finetune_epochs, args.finetune_iters, None, "cpu", target)
+                base = dict(next(r for f, r in variants if f == folder))
+                variants.append((target, {**base, "recovery": cost["recovery"], "finetune_s": cost["seconds"],
+                                          "finetune_settings": cost["settings"]}))
 
     result = bench([Path(dense)] + [v[0] for v in variants], out / "calibration_bench", repeats=1, warmup=0,
                    images=images, labels=labels, fold=args.fold, disable_tta=True)
@@ -216,6 +230,10 @@ def main(argv=None) -> int:
     s.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.12, 0.25, 0.5])
     s.add_argument("--budget-costs", nargs="*", choices=("params", "macs"), default=["params", "macs"])
     s.add_argument("--distill-ratios", nargs="*", type=float, default=[0.12])
+    s.add_argument("--finetune-ratios", nargs="*", type=float, default=[],
+                   help="fine-tune the uniform variants of these ratios with labels (needs --data)")
+    s.add_argument("--finetune-epochs", type=int, default=3)
+    s.add_argument("--finetune-iters", type=int, default=50)
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--batch-size", type=int, default=2)

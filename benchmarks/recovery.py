@@ -25,40 +25,14 @@ import datetime as _dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from nnunet_green.contract import (FINETUNE_TRAINER, MANIFEST_FILE, RECOVERY_DISTILLED, RECOVERY_FINETUNED,
-                                   GreenSettings, env_name)
-from nnunet_green.evaluation.experiment import equal_budget, training_cost, variant_rows, write_result
+from nnunet_green.contract import MANIFEST_FILE, RECOVERY_DISTILLED, GreenSettings, env_name
+from nnunet_green.evaluation.experiment import equal_budget, finetune, training_cost, variant_rows, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("uniform", "budgeted", "budgeted-macs")
-
-
-def finetune(compressed: Path, dataset: str, configuration: str, fold: str, epochs: int, iters: int, lr: float | None,
-             device: str, target: Path) -> dict:
-    """nnUNetv2_train -tr nnUNetTrainerTuckerFinetune starting from `compressed`; the result folder is moved to
-    `target` (one trainer name, several variants). Returns its cost."""
-    lr = GreenSettings().finetune_lr if lr is None else lr
-    env = dict(os.environ, nnUNet_compile="f", **{env_name("finetune_from"): str(compressed),
-                                                  env_name("epochs"): str(epochs), env_name("iters"): str(iters),
-                                                  env_name("val_iters"): "1", env_name("finetune_lr"): str(lr)})
-    env.setdefault("nnUNet_n_proc_DA", "0")
-    exe = Path(sys.executable).parent / "nnUNetv2_train"
-    print(f"+ fine-tune {compressed.name}: {epochs} x {iters} iterations", file=sys.stderr, flush=True)
-    proc = subprocess.run([str(exe), dataset, configuration, fold, "-tr", FINETUNE_TRAINER, "-device", device],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"fine-tuning {compressed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    results = Path(os.environ["nnUNet_results"])
-    folder = next(results.glob(f"Dataset*/{FINETUNE_TRAINER}__*__{configuration}"))
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.move(str(folder), target)
-    return {"recovery": RECOVERY_FINETUNED, **training_cost(target / f"fold_{fold}"),
-            "settings": f"{epochs} epochs x {iters} iterations, AdamW lr {lr}"}
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from nnunet_green.contract import (BASELINE_TRAINER, DATASET_FILE, DEFAULT_CHECKPOINT, DEFAULT_PLANS,
-                                   GREEN_SUMMARY_FILE, TrainingSummary, env_name, read_json)
+                                   FINETUNE_TRAINER, GREEN_SUMMARY_FILE, RECOVERY_FINETUNED, GreenSettings,
+                                   TrainingSummary, env_name, read_json)
 
 STOP_SETTINGS = ("patience", "min_delta", "budget_kwh", "budget_hours")
 # nnU-Net's own training entry point, seeded first (the console script nnUNetv2_train runs the same function).
@@ -161,6 +162,31 @@ def training_cost(fold_folder: Path) -> dict:
     t = TrainingSummary.read(path).totals
     seconds = (t.get("time_s") or 0.0) + (t.get("final_validation_s") or 0.0)
     return {"seconds": round(seconds, 1), "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source")}
+
+
+def finetune(compressed: Path, dataset: str, configuration: str, fold: str, epochs: int, iters: int, lr: float | None,
+             device: str, target: Path) -> dict:
+    """nnUNetv2_train -tr nnUNetTrainerTuckerFinetune starting from `compressed` (nnUNet_raw/preprocessed/results of
+    its dataset set in os.environ); the result folder is moved to `target` (one trainer name, several variants).
+    Returns its cost."""
+    lr = GreenSettings().finetune_lr if lr is None else lr
+    env = dict(os.environ, nnUNet_compile="f", **{env_name("finetune_from"): str(compressed),
+                                                  env_name("epochs"): str(epochs), env_name("iters"): str(iters),
+                                                  env_name("val_iters"): "1", env_name("finetune_lr"): str(lr)})
+    env.setdefault("nnUNet_n_proc_DA", "0")
+    exe = Path(sys.executable).parent / "nnUNetv2_train"
+    print(f"+ fine-tune {compressed.name}: {epochs} x {iters} iterations", file=sys.stderr, flush=True)
+    proc = subprocess.run([str(exe), dataset, configuration, fold, "-tr", FINETUNE_TRAINER, "-device", device],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"fine-tuning {compressed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    results = Path(os.environ["nnUNet_results"])
+    folder = next(results.glob(f"Dataset*/{FINETUNE_TRAINER}__*__{configuration}"))
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.move(str(folder), target)
+    return {"recovery": RECOVERY_FINETUNED, **training_cost(target / f"fold_{fold}"),
+            "settings": f"{epochs} epochs x {iters} iterations, AdamW lr {lr}"}
 
 
 def equal_budget(manifest: dict, cost: str = "params") -> float:
