@@ -6,9 +6,10 @@ plans, TotalSegmentator's folder layout) to the real abdominal CT in ../shared/d
 (example_ct.nii.gz), with TotalSegmentator's own 3 mm output for that CT as the target
 (example_seg_fast_force_split.nii.gz; model output, not ground truth). nnU-Net's preprocessor and loss are used.
 
-Then: nnunet-green-compress (uniform rank ratio and budgeted ranks at the same parameter budget) → TotalSegmentator
---fast with TOTALSEG_WEIGHTS_PATH on the dense and on each compressed root → agreement; nnunet-green-distill on the
-fitting CT (label-free) → agreement again. Agreement is measured on example_ct.nii.gz (the CT the model was fitted
+Then: nnunet-green-compress (uniform rank ratio, budgeted ranks at the same parameter budget, and the uniform ratio
+calibrated on the unlabelled fitting CT: data-aware factors) → TotalSegmentator --fast with TOTALSEG_WEIGHTS_PATH on
+the dense and on each compressed root → agreement; nnunet-green-distill on the fitting CT (label-free) → agreement
+again. Agreement is measured on example_ct.nii.gz (the CT the model was fitted
 and distilled on) and on example_ct_sm.nii.gz (a different CT slab, never trained on).
 
   python benchmarks/recovery_totalsegmentator.py --fit-steps 300 --distill-steps 150 -o bench_out
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--fit-lr", type=float, default=1e-3)
     p.add_argument("--resume", action="store_true", help="reuse the fitted model of an earlier run in --work")
     p.add_argument("--ratio", type=float, default=0.12, help="uniform rank ratio (budgeted: same parameter budget)")
+    p.add_argument("--calibration-patches", type=int, default=8,
+                   help="also compress with calibration on this many patches of the fitting CT (0: skip)")
     p.add_argument("--distill-steps", type=int, default=150)
     p.add_argument("--distill-patch", type=int, nargs=3, default=[48, 48, 48])
     p.add_argument("--distill-modes", nargs="*", choices=("uniform", "budgeted"), default=["uniform", "budgeted"],
@@ -173,12 +176,18 @@ def main(argv=None) -> int:
 
     roots = {"dense": work / "dense"}
     man = compress_weights_root(work / "dense", work / "uniform", TuckerConfig(rank_ratio=args.ratio),
-                                overwrite=True)[0]
+                                overwrite=True, speed_check=False)[0]  # an accuracy study: no timing
     roots["uniform"] = work / "uniform"
     n_params = man["totals"]["params_before"]
     budget = equal_budget(man)
-    compress_weights_root(work / "dense", work / "budgeted", TuckerConfig(budget=budget), overwrite=True)
+    compress_weights_root(work / "dense", work / "budgeted", TuckerConfig(budget=budget), overwrite=True,
+                          speed_check=False)
     roots["budgeted"] = work / "budgeted"
+    if args.calibration_patches:  # data-aware factors from the unlabelled fitting CT (issue 11): same ranks as uniform
+        compress_weights_root(work / "dense", work / "uniform-calibrated", TuckerConfig(rank_ratio=args.ratio),
+                              overwrite=True, speed_check=False,
+                              calibrate={"images": images, "patches": args.calibration_patches})
+        roots["uniform-calibrated"] = work / "uniform-calibrated"
     recovery = {}
     for mode in args.distill_modes:
         target = work / f"{mode}-distilled"
