@@ -4,9 +4,10 @@
 functions - uniform ratio / budgeted ranks at the uniform model's parameter fraction / at its multiply-add fraction,
 each weight-only and calibrated (`--calibrate` on at most --calibration-images unlabelled training images) - and,
 for --distill-ratios, distil the uniform weight-only and calibrated variants with the same budget; for
---finetune-ratios (needs --data), fine-tune both with labels (nnUNetTrainerTuckerFinetune through nnUNetv2_train).
-Every variant is predicted on held-out images by the stock predictor and scored by nnunet-green-bench's functions (agreement Dice
-with the dense model, Dice vs labels). Writes OUT/calibration.json and .md.
+--finetune-ratios (needs --data or the model's nnU-Net folders), fine-tune both with labels
+(nnUNetTrainerTuckerFinetune through nnUNetv2_train). Every variant is predicted on held-out images by the stock
+predictor and scored by nnunet-green-bench's functions (agreement Dice with the dense model, Dice vs labels).
+Writes OUT/calibration.json and .md.
 
 `cost`: calibration + decomposition of the whole TotalSegmentator 1.5 mm architecture (random weights, PlainConvUNet
 as in its plans) at rank ratio 0.12 on N patches of 128^3 (random, CT-like intensities: the cost does not depend on
@@ -48,6 +49,7 @@ def sweep(args) -> int:
     from nnunet_green.contract import MANIFEST_FILE
     from nnunet_green.evaluation.bench import bench
     from nnunet_green.evaluation.experiment import equal_budget, finetune, train_msd_subset, variant_rows, write_result
+    from nnunet_green.nnunet_io import ModelFolder
     from nnunet_green.recovery import distill_model_folder
 
     if args.data is not None:
@@ -58,8 +60,9 @@ def sweep(args) -> int:
         os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                           nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1")
     else:
-        if args.finetune_ratios:
-            sys.exit("--finetune-ratios needs --data (the labelled training set of the dense model)")
+        if args.finetune_ratios and not os.environ.get("nnUNet_results"):
+            sys.exit("--finetune-ratios needs --data, or nnUNet_raw/nnUNet_preprocessed/nnUNet_results of the "
+                     "dense model's dataset")
         dense, images, labels, train_images = args.model, args.images, args.labels, args.train_images
     out = args.output.absolute()
     models = out / "calibration_models"
@@ -109,10 +112,11 @@ def sweep(args) -> int:
                                                               f"patches, AdamW lr {args.lr}"}))
                 print(f"+ {target.name}: {rec['seconds']:.0f} s", file=sys.stderr, flush=True)
         if ratio in args.finetune_ratios:
-            dense_path = Path(dense)
+            dense_folder = ModelFolder(dense)  # any folder name (a benchmark's runs/NAME too)
+            configuration = dense_folder.configuration_name(dense_folder.load_checkpoint(args.fold))
             for folder in uni.values():
                 target = models / f"{folder.name}-finetuned"
-                cost = finetune(folder, dense_path.parent.name, dense_path.name.split("__")[-1], args.fold,
+                cost = finetune(folder, dense_folder.plans["dataset_name"], configuration, args.fold,
                                 args.finetune_epochs, args.finetune_iters, None, "cpu", target)
                 base = dict(next(r for f, r in variants if f == folder))
                 variants.append((target, {**base, "recovery": cost["recovery"], "finetune_s": cost["seconds"],
@@ -231,7 +235,8 @@ def main(argv=None) -> int:
     s.add_argument("--budget-costs", nargs="*", choices=("params", "macs"), default=["params", "macs"])
     s.add_argument("--distill-ratios", nargs="*", type=float, default=[0.12])
     s.add_argument("--finetune-ratios", nargs="*", type=float, default=[],
-                   help="fine-tune the uniform variants of these ratios with labels (needs --data)")
+                   help="fine-tune the uniform variants of these ratios with labels (needs --data, or "
+                        "nnUNet_raw/preprocessed/results of the model's dataset)")
     s.add_argument("--finetune-epochs", type=int, default=3)
     s.add_argument("--finetune-iters", type=int, default=50)
     s.add_argument("--steps", type=int, default=300)
