@@ -87,6 +87,12 @@ def _positive_int(name: str, raw: str) -> int:
     return int(raw)
 
 
+def _non_negative_int(name: str, raw: str) -> int:
+    if not raw.strip().isdigit():
+        raise SettingsError(f"{name} must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
 def _positive_float(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -142,6 +148,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("nnUNet_green_patience", _positive_int, None,
            "stop after this many epochs without an EMA pseudo-Dice gain > nnUNet_green_min_delta"),
     EnvVar("nnUNet_green_min_delta", _non_negative_float, 0.0, "smallest EMA pseudo-Dice gain that counts"),
+    EnvVar("nnUNet_green_min_epochs", _non_negative_int, None,
+           "epochs before a plateau may stop training (unset: a tenth of the schedule; budgets always apply)"),
     EnvVar("nnUNet_green_budget_kwh", _positive_float, None,
            "stop before the measured energy would exceed this (refused at start without an energy measurement)"),
     EnvVar("nnUNet_green_budget_hours", _positive_float, None, "stop before the training time would exceed this"),
@@ -166,6 +174,7 @@ class GreenSettings:
     finetune_lr: float = 1e-4
     patience: int | None = None
     min_delta: float = 0.0
+    min_epochs: int | None = None
     budget_kwh: float | None = None
     budget_hours: float | None = None
     fast_path: bool = True

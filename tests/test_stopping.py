@@ -34,6 +34,21 @@ def test_small_gains_below_min_delta_do_not_reset_patience_but_large_ones_do():
     assert policy.decide(rows(3), [0.5, 0.505, 0.509])["reason"] == "plateau"
 
 
+def test_no_plateau_stop_during_the_warm_up_and_its_default_is_a_tenth_of_the_schedule():
+    # nnU-Net's EMA starts at epoch 0's pseudo-Dice; a dip after it is no plateau (a measured Hippocampus start)
+    ema = [0.066, 0.059, 0.053, 0.048, 0.043, 0.039, 0.05, 0.08, 0.1]
+    assert StoppingPolicy(patience=5, min_delta=0.005).decide(rows(6), ema[:6])["reason"] == "plateau"
+    warm = StoppingPolicy.from_settings(GreenSettings.from_env({"nnUNet_green_patience": "5"}), num_epochs=120)
+    assert warm.min_epochs == 12 and "not before epoch 12" in warm.describe()
+    assert all(warm.decide(rows(n), ema[:n]) is None for n in range(1, len(ema) + 1))
+    flat = [0.5] * 14
+    assert warm.decide(rows(12), flat[:12]) is None and warm.decide(rows(13), flat[:13])["epoch"] == 12
+    given = GreenSettings.from_env({"nnUNet_green_patience": "5", "nnUNet_green_min_epochs": "0"})
+    assert StoppingPolicy.from_settings(given, num_epochs=120).min_epochs == 0
+    with pytest.raises(SettingsError, match="nnUNet_green_min_epochs"):
+        GreenSettings.from_env({"nnUNet_green_min_epochs": "-3"})
+
+
 def test_nan_epochs_never_count_as_improvement():
     policy = StoppingPolicy(patience=2)
     assert policy.decide(rows(3), [0.4, math.nan, math.nan])["best_epoch"] == 0

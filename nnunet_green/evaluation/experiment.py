@@ -16,7 +16,7 @@ from nnunet_green.contract import (BASELINE_TRAINER, DATASET_FILE, DEFAULT_CHECK
                                    FINETUNE_TRAINER, GREEN_SUMMARY_FILE, RECOVERY_FINETUNED, GreenSettings,
                                    TrainingSummary, env_name, read_json)
 
-STOP_SETTINGS = ("patience", "min_delta", "budget_kwh", "budget_hours")
+STOP_SETTINGS = ("patience", "min_delta", "min_epochs", "budget_kwh", "budget_hours")
 # nnU-Net's own training entry point, seeded first (the console script nnUNetv2_train runs the same function).
 SEEDED_TRAIN = """\
 import random, sys

@@ -82,7 +82,7 @@ class nnUNetTrainerGreen(nnUNetTrainer):
         self.active_precision = self.precision.on(self.device, self.settings.cpu_low_precision)
         self.grad_scaler = GradScaler(self.device.type) if self.active_precision.grad_scaler else None
         self.meter: EpochMeter | None = None
-        self.stopping = StoppingPolicy.from_settings(self.settings)
+        self.stopping = StoppingPolicy.from_settings(self.settings, self.num_epochs)
         self.stop_record: dict | None = None
         self._nonfinite_in_epoch = 0
         self._nonfinite_in_a_row = 0
