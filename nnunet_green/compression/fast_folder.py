@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from nnunet_green.contract import (DEFAULT_CHECKPOINT, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK,
-                                   FAST_PATH_ARTEFACT_KEY, MANIFEST_FILE, CompressionManifest, GreenError)
+                                   FAST_PATH_ARTEFACT_KEY, MANIFEST_FILE, SPEED_RULE_MEASURED, CompressionManifest,
+                                   GreenError)
 from nnunet_green.nnunet_io import ModelFolder
 
 PROG = "nnunet-green-fastpath"
@@ -46,10 +47,11 @@ def fold_status(loaded) -> str:
 
 def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, dense_folder=None,
                     speed_seconds: float | None = DEFAULT_SPEED_SECONDS, only_if_needed: bool = False,
-                    macs: tuple[int, int] | None = None) -> dict:
+                    macs: tuple[int, int] | None = None, speed_rule: str | None = None) -> dict:
     """Build and store the artefact of every fold (or, with only_if_needed, of the folds whose artefact is missing
     or stale); returns the "fast_path" record. Without onnx/onnxruntime or for a network class without a fast path
-    the record says so and nothing is written. `speed_seconds=None` skips the speed measurement."""
+    the record says so and nothing is written. `speed_seconds=None` skips the speed measurement. `speed_rule`:
+    the compression's (TuckerConfig.speed_rule), so the warning of a slower model suggests only what was not done."""
     from .fast_export import ArtefactError, install_artefact_, measure_speedup
 
     folder = ModelFolder(folder)
@@ -91,15 +93,25 @@ def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, de
         speed.update(fold=loaded.fold, fast_path_used=fold_status(loaded) == "ok")
         record["measured"] = speed
         if speed["speedup"] < 1.0:
-            record["warning"] = slower_warning(speed)
+            record["warning"] = slower_warning(speed, speed_rule)
     return record
 
 
-def slower_warning(speed: dict) -> str:
+def slower_warning(speed: dict, speed_rule: str | None = None) -> str:
+    """What a user reads when the compressed model measured slower than the dense one: the numbers, then what can
+    be done (only what this compression did not do already)."""
+    options = []
+    if speed_rule != SPEED_RULE_MEASURED:
+        options.append(f"--speed-rule {SPEED_RULE_MEASURED} (keeps dense the layers whose factorization is slower "
+                       "on this machine; they hold few parameters)")
+    options.append("another --rank-ratio or --rank-budget (a smaller one removes more work per layer)")
+    if not speed.get("fast_path_used"):
+        options.append("the fast CPU path (install onnx and onnxruntime; nnunet-green-fastpath FOLDER)")
+    options.append("predicting on a GPU")
     return (f"the compressed model is not faster than the dense one on this machine ({speed['speedup']:.2f}x at "
-            f"input {tuple(speed['input_shape'])}, {speed['threads']} threads): small patches leave little "
-            "convolution work to save. Try a smaller --rank-ratio or --rank-budget, check that onnxruntime is "
-            "installed (the fast CPU path), or predict on a GPU.")
+            f"input {tuple(speed['input_shape'])}, {speed['threads']} threads"
+            + (", fast CPU path" if speed.get("fast_path_used") else ", eager PyTorch")
+            + "): small patches leave little convolution work to save. Try " + "; ".join(options) + ".")
 
 
 def update_manifest(folder: Path, record: dict) -> None:
