@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 
 import pytest
@@ -59,7 +60,10 @@ def test_measured_rule_keeps_the_slower_layers_dense():
         assert t["dense_ms"] == 10.0 and t["input_shape"] == list(shapes[name]) and t["ranks"] == list(plan0.ranks[name])
         assert r.factorized == (name not in slow) and (t["verdict"] is None) == r.factorized
         assert t["speedup"] == (0.5 if name in slow else 2.0)
-    summary = layer_timing.timing_summary([r.to_dict() for r in records])
+    summary = layer_timing.timing_summary([r.to_dict() for r in records], load_avg=0.5)
+    assert "warning" not in summary and summary["load_avg"] == 0.5
+    busy = layer_timing.timing_summary([r.to_dict() for r in records], load_avg=os.cpu_count() + 2.0)
+    assert "the machine was busy while the layers were timed" in busy["warning"]
     assert summary["kept_dense"] == sorted(slow, key=[r.name for r in records].index) and summary["timed"] == len(timed)
     kept_params = sum(timed[n].timing["dense_params"] - timed[n].timing["factorized_params"] for n in slow)
     assert summary["params_kept_dense"] == kept_params > 0

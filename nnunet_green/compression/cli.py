@@ -196,6 +196,8 @@ def main(argv=None) -> int:
                   f"({timing['threads']} threads), {len(timing['kept_dense'])} kept dense (factorizing not faster "
                   f"here, {timing['params_kept_dense']:,} parameters more)"
                   + (f", {len(timing['untimed'])} untimed (multiply-add rule)" if timing["untimed"] else ""))
+            if timing.get("warning"):
+                print(f"{PROG}: warning: {timing['warning']}", file=sys.stderr)
         cal = m.get("calibration")
         if cal:
             print(f"  data-aware decomposition: {cal['patches']} calibration patches of {cal['images']} images")

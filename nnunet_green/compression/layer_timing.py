@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -131,21 +132,38 @@ def time_planned_layers(model: nn.Module, ranks: dict[str, tuple[int, int]], inp
     return records
 
 
+def busy_warning(load_avg: float, cpus: int, threads: int) -> str | None:
+    """Why timings on an oversubscribed machine mislead, or None. Measured on the shared 2-core machine with a
+    nice-0 job beside: with 2 torch threads every parallel op waited one scheduler time slice for its second thread
+    (a 320->320 conv at 4^3: 15.9 ms dense, 48.1 ms factorized, every call), while 1 thread gave 6.4 vs 1.4 ms."""
+    if load_avg <= cpus:
+        return None
+    return (f"the machine was busy while the layers were timed (load average {load_avg:.1f} on {cpus} CPUs, "
+            f"{threads} torch threads): ops can wait for descheduled threads, so the timings and the layers kept "
+            "dense reflect the load more than the layers. Compress on a quiet machine, or with the load and "
+            "thread count prediction will run with")
+
+
 def timing_summary(layers: list[dict], margin: float = DEFAULT_SPEED_MARGIN,
-                   max_seconds: float = DEFAULT_LAYER_TIMING_SECONDS) -> dict:
+                   max_seconds: float = DEFAULT_LAYER_TIMING_SECONDS, load_avg: float | None = None) -> dict:
     """compression.json "layer_timing": what the speed rule measured and changed, from the per-layer records
     (LayerRecord.to_dict() with their "timing"). `params_kept_dense` is what the rule costs in parameters: the
-    layers it kept dense hold that many more than their factorization would have."""
+    layers it kept dense hold that many more than their factorization would have. `load_avg`: the 1-minute load
+    average (default: now, right after the timing); above the CPU count the summary carries a `warning`."""
     timed = [lay for lay in layers if lay.get("timing") and "dense_ms" in lay["timing"]]
     kept = [lay for lay in timed if lay["timing"]["verdict"]]
     dense_ms = sum(lay["timing"]["dense_ms"] for lay in timed)
     chosen_ms = sum(lay["timing"]["dense_ms" if lay["timing"]["verdict"] else "factorized_ms"] for lay in timed)
     all_factorized_ms = sum(lay["timing"]["factorized_ms"] for lay in timed)
+    threads = timed[0]["timing"]["threads"] if timed else torch.get_num_threads()
+    if load_avg is None and hasattr(os, "getloadavg"):  # not on Windows
+        load_avg = os.getloadavg()[0]
+    warning = busy_warning(load_avg, os.cpu_count() or 1, threads) if timed and load_avg is not None else None
     return {
         "rule": SPEED_RULE_MEASURED, "margin": margin, "max_seconds": max_seconds,
         "how": "per planned layer, dense conv vs TuckerConv at its input shape in the network (plans' patch size, "
                "batch 1), eager torch, no_grad, float32, random weights and input, median after a warm-up",
-        "threads": timed[0]["timing"]["threads"] if timed else torch.get_num_threads(),
+        "threads": threads, "load_avg": None if load_avg is None else round(load_avg, 2), "cpus": os.cpu_count(),
         "seconds": round(sum(lay["timing"]["seconds"] for lay in timed), 2),
         "timed": len(timed),
         "untimed": [lay["name"] for lay in layers if lay.get("timing") and "untimed" in lay["timing"]],
@@ -154,4 +172,5 @@ def timing_summary(layers: list[dict], margin: float = DEFAULT_SPEED_MARGIN,
         # the timed layers alone (convs only, no norms/activations): what the rule predicts for them
         "timed_layers_ms": {"dense": round(dense_ms, 2), "all_factorized": round(all_factorized_ms, 2),
                             "as_planned": round(chosen_ms, 2)},
+        **({"warning": warning} if warning else {}),
     }
