@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -159,9 +160,25 @@ def test_cli_flag_in_help_and_recorded_in_compression_json(tmp_path, monkeypatch
 
 def test_slower_warning_says_what_the_user_can_do():
     speed = {"speedup": 0.95, "input_shape": [1, 1, 40, 48, 40], "threads": 2, "fast_path_used": False}
-    text = slower_warning(speed)
+    text = slower_warning(speed, "macs", "unavailable")
     assert "0.95x at input (1, 1, 40, 48, 40), 2 threads, eager PyTorch" in text
-    for option in ("--speed-rule measured", "--rank-ratio", "the fast CPU path", "GPU"):
+    for option in ("--speed-rule measured", "--rank-ratio", "install onnx and onnxruntime", "GPU"):
         assert option in text
-    done = slower_warning({**speed, "fast_path_used": True}, "measured")  # only what was not done already
-    assert "--speed-rule" not in done and "install onnx" not in done and "GPU" in done and "fast CPU path)" in done
+    done = slower_warning(speed, "measured", "unsupported")  # only what was not done, and what can apply
+    assert "--speed-rule" not in done and "fast CPU path" not in done and "--rank-ratio" in done and "GPU" in done
+    fast = slower_warning({**speed, "fast_path_used": True}, "macs", "built")
+    assert "fast CPU path)" in fast and "--speed-rule" not in fast and "GPU" in fast
+
+
+def test_whole_model_checked_without_onnxruntime(tmp_path, monkeypatch):
+    """Never slower without saying so: without onnxruntime the compressed model runs eagerly, and compression still
+    times it against the dense one (the record, and the warning where it is slower)."""
+    from nnunet_green.compression.model_folder import compress_model_folder
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    m = compress_model_folder(tiny_model_folder(tmp_path / "w"), tmp_path / "out", TuckerConfig(rank_ratio=0.5))
+    fast = m["fast_path"]
+    assert fast["status"] == "unavailable" and "onnxruntime" in fast["reason"]
+    measured = fast["measured"]
+    assert measured["fast_path_used"] is False and measured["dense_s"] > 0 and measured["compressed_s"] > 0
+    assert ("warning" in fast) == (measured["speedup"] < 1.0)
