@@ -89,7 +89,8 @@ def speed_verdict(timing: LayerTiming, margin: float = DEFAULT_SPEED_MARGIN) -> 
         return None
     how = "slower" if timing.factorized_ms >= timing.dense_ms else f"less than {margin:.0%} faster"
     return (f"factorizing is {how} on this machine: {timing.factorized_ms:.2f} ms factorized vs "
-            f"{timing.dense_ms:.2f} ms dense at input {tuple(timing.input_shape)}, {timing.threads} threads")
+            f"{timing.dense_ms:.2f} ms dense at input {tuple(timing.input_shape)}, {timing.threads} "
+            f"thread{'s' if timing.threads != 1 else ''}")
 
 
 def _dense_macs(conv: nn.Module, shape: tuple[int, ...]) -> float:
@@ -134,8 +135,9 @@ def time_planned_layers(model: nn.Module, ranks: dict[str, tuple[int, int]], inp
 
 def busy_warning(load_avg: float, cpus: int, threads: int) -> str | None:
     """Why timings on an oversubscribed machine mislead, or None. Measured on the shared 2-core machine with a
-    nice-0 job beside: with 2 torch threads every parallel op waited one scheduler time slice for its second thread
-    (a 320->320 conv at 4^3: 15.9 ms dense, 48.1 ms factorized, every call), while 1 thread gave 6.4 vs 1.4 ms."""
+    nice-0 job beside: with 2 torch threads each parallel op waited about one scheduler time slice for its second
+    thread (a 320->320 conv at 4^3, ranks 96: 15.9 ms dense, 48.1 ms factorized, medians of 15 calls), while 1
+    thread gave 6.4 vs 1.5 ms (docs/results/speed_rule.md)."""
     if load_avg <= cpus:
         return None
     return (f"the machine was busy while the layers were timed (load average {load_avg:.1f} on {cpus} CPUs, "
