@@ -29,7 +29,7 @@ from torch import nn
 
 from nnunet_green.contract import DEFAULT_LAYER_TIMING_SECONDS, DEFAULT_SPEED_MARGIN, SPEED_RULE_MEASURED
 
-from .cost import TRANSPOSED_CONVS, factorized_params
+from .cost import TRANSPOSED_CONVS, factorized_params, param_count
 from .layers import TuckerConv
 from .macs import input_shapes
 
@@ -115,7 +115,7 @@ def time_planned_layers(model: nn.Module, ranks: dict[str, tuple[int, int]], inp
     for name in order:
         conv, r = convs[name], tuple(ranks[name])
         rec = {"input_shape": list(shapes[name]) if name in shapes else None, "ranks": list(r),
-               "dense_params": sum(p.numel() for p in conv.parameters()),
+               "dense_params": param_count(conv),
                "factorized_params": factorized_params(conv, *r)}
         spent = time.perf_counter() - t_start
         if name not in shapes:
