@@ -57,6 +57,15 @@ DEFAULT_CALIBRATION_PATCHES = 16  # calibration patches when images are given wi
 DEFAULT_CALIBRATION_RIDGE = 1e-5  # added to calibration input covariances, times their mean eigenvalue
 DECOMPOSITION_WEIGHT_ONLY = "weight-only"  # compression.json "decomposition" (top level and per layer)
 DECOMPOSITION_CALIBRATED = "calibrated"
+# which layers pay off in speed (TuckerConfig.speed_rule, compression.json config "speed_rule"): "macs" decides by the
+# multiply-add saving alone; "measured" also times dense vs factorized per layer on this machine and keeps a layer
+# dense unless its factorization is faster by at least DEFAULT_SPEED_MARGIN (compression/layer_timing.py)
+SPEED_RULE_MACS = "macs"
+SPEED_RULE_MEASURED = "measured"
+SPEED_RULES = (SPEED_RULE_MACS, SPEED_RULE_MEASURED)
+DEFAULT_SPEED_RULE = SPEED_RULE_MACS
+DEFAULT_SPEED_MARGIN = 0.05         # factorized must take < (1 - margin) x the dense time
+DEFAULT_LAYER_TIMING_SECONDS = 30.0  # time bound of the per-layer timing; untimed layers keep the multiply-add rule
 
 
 # --- errors and exit codes ---------------------------------------------------------------------------------------
@@ -297,7 +306,8 @@ class CompressionManifest(_Record):
     WHAT = MANIFEST_FILE
 
     source: dict                      # {"path", "checkpoints": {fold_X/ckpt: sha256}}
-    config: dict                      # {"rank_ratio", "budget", "budget_cost", "min_rank", "round_to", "half"}
+    # {"rank_ratio", "budget", "budget_cost", "min_rank", "round_to", "half", "speed_rule" (absent before it existed)}
+    config: dict
     configuration: str
     folds: list
     totals: dict                      # params/macs before/after, decomposition_s
@@ -318,6 +328,8 @@ class CompressionManifest(_Record):
     # the calibration set and its cost: {"images", "source", "patches", "patch_size", "statistics_s", "ridge", ...};
     # None for a weight-only decomposition
     calibration: dict | None = None
+    # the per-layer speed rule's summary (speed_rule "measured"; layer_timing.timing_summary); None otherwise
+    layer_timing: dict | None = None
     extra: dict = field(default_factory=dict)
 
     @property

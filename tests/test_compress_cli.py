@@ -141,7 +141,7 @@ def test_half_and_overwrite(compressed_full):
     assert not (out / "stale.txt").exists() and leftovers(out) == []
     m = json.loads((out / "compression.json").read_text())
     assert m["config"] == {"rank_ratio": 1.0, "budget": None, "budget_cost": None, "min_rank": m["config"]["min_rank"],
-                           "round_to": m["config"]["round_to"], "half": True}
+                           "round_to": m["config"]["round_to"], "half": True, "speed_rule": "macs"}
     assert m["rank_rule"] == "uniform rank ratio 1"
     assert all(lay["rel_error"] < 1e-3 for lay in m["layers"] if lay["factorized"])
     ck = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -359,6 +359,7 @@ def test_bad_inputs_real_cli(dense, compressed, tmp_path):
 def test_help_has_examples():
     proc = subprocess.run([str(BIN / "nnunet-green-compress"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "TOTALSEG_WEIGHTS_PATH" in proc.stdout and "--rank-ratio" in proc.stdout
+    assert "--speed-rule {macs,measured}" in proc.stdout
     assert EXIT_CODES_HELP in " ".join(proc.stdout.split())
     proc = subprocess.run([str(BIN / "nnunet-green-bench"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--images" in proc.stdout

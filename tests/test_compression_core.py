@@ -589,13 +589,15 @@ def test_manifest_keys_and_old_manifests_still_read(tmp_path):
     out = tmp_path / "out"
     m = compress_model_folder(src, out, TuckerConfig(rank_ratio=0.25), speed_check=False)
     written = json.loads((out / "compression.json").read_text())
-    later = {"carried_over", "fast_path", "decomposition", "calibration"}  # keys added since OLD_MANIFEST
+    later = {"carried_over", "fast_path", "decomposition", "calibration", "layer_timing"}  # added since OLD_MANIFEST
     assert written == m and set(written) == set(OLD_MANIFEST) | later
     assert written["decomposition"] == "weight-only" and written["calibration"] is None
     assert set(written["totals"]) == set(OLD_MANIFEST["totals"])
-    assert set(written["config"]) == set(OLD_MANIFEST["config"])
+    assert written["layer_timing"] is None  # the speed rule "macs" (default) times nothing
+    assert set(written["config"]) == set(OLD_MANIFEST["config"]) | {"speed_rule"}
+    assert written["config"]["speed_rule"] == "macs"
     assert set(written["layers"][0]) == set(OLD_MANIFEST["layers"][0]) | {"decomposition", "est_output_rel_error",
-                                                                         "input_rank_deficient"}
+                                                                         "input_rank_deficient", "timing"}
     assert written["carried_over"] == {"fold_0/progress.png": "training curves of the dense source model",
                                        "fold_0/validation/summary.json": "validation metrics of the dense source model"}
     assert (out / "fold_0" / "progress.png").read_bytes() == (src / "fold_0" / "progress.png").read_bytes()

@@ -15,13 +15,15 @@ from typing import Callable
 from torch import nn
 
 from nnunet_green.contract import (DECOMPOSITION_CALIBRATED, DECOMPOSITION_WEIGHT_ONLY, DEFAULT_MIN_RANK,
-                                   DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO)
+                                   DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO, DEFAULT_SPEED_RULE, SPEED_RULE_MEASURED,
+                                   SPEED_RULES)
 
 from .calibration import DEFAULT_RIDGE, CalibrationStats
 from .cost import TRANSPOSED_CONVS, factorized_params, mac_fraction, param_count  # noqa: F401  (re-exported)
 from .decompose import decompose_conv_weight, one_thread
 from .layers import TuckerConv, gemm_pointwise_
-from .policies import BudgetedRanks, CalibratedRanks, GivenRanks, RankPlan, RankPolicy, UniformRanks, _check_int
+from .policies import (BudgetedRanks, CalibratedRanks, GivenRanks, MeasuredSpeed, RankPlan, RankPolicy, UniformRanks,
+                       _check_int)
 from .surgery import canonical_name, conv_aliases, parent_refs, replace_everywhere, unique_convs  # noqa: F401
 
 
@@ -33,7 +35,9 @@ class TuckerConfig:
     `BudgetedRanks(budget, budget_cost, min_rank, round_to)` instead (rank_ratio is then unused; budget_cost
     "macs" needs tucker_'s input_shape). Decomposition: `n_iter_max` HOOI sweeps after the SVD init (0 = HOSVD);
     `gemm_pointwise` also runs the 1x1 convs left dense (segmentation heads) as GEMMs (same state dict).
-    `ridge`: regularisation of the input covariances of a calibrated decomposition (times their mean eigenvalue)."""
+    `ridge`: regularisation of the input covariances of a calibrated decomposition (times their mean eigenvalue).
+    `speed_rule`: "macs" (the rank rule alone) or "measured": the rule's layers are also timed dense vs factorized
+    on this machine at tucker_'s input_shape and left dense where factorizing is not faster (MeasuredSpeed)."""
     rank_ratio: float = DEFAULT_RANK_RATIO
     min_rank: int = DEFAULT_MIN_RANK
     round_to: int = DEFAULT_ROUND_TO
@@ -43,9 +47,13 @@ class TuckerConfig:
     budget: float | None = None
     budget_cost: str = "params"
     ridge: float = DEFAULT_RIDGE
+    speed_rule: str = DEFAULT_SPEED_RULE
 
     def __post_init__(self):
         _check_int("n_iter_max", self.n_iter_max, 0)
+        if not isinstance(self.speed_rule, str) or self.speed_rule not in SPEED_RULES:
+            raise ValueError(f"speed_rule must be one of {', '.join(map(repr, SPEED_RULES))}; "
+                             f"got {self.speed_rule!r}")
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 < self.ridge < 1:
             raise ValueError(f"ridge must be a number with 0 < ridge < 1; got {self.ridge!r}")
         self._uniform()  # validates the rank settings even when a budget replaces the ratio
@@ -55,13 +63,23 @@ class TuckerConfig:
         return UniformRanks(self.rank_ratio, self.min_rank, self.round_to, self.min_mac_saving)
 
     def policy(self, calibration: CalibrationStats | None = None) -> RankPolicy:
-        """The rank policy this config stands for (a budget with calibration statistics: CalibratedRanks)."""
+        """The rank policy this config stands for (a budget with calibration statistics: CalibratedRanks), wrapped
+        in MeasuredSpeed for speed_rule "measured"."""
         if self.budget is not None and calibration is not None:
-            return CalibratedRanks(self.budget, calibration, self.budget_cost, self.min_rank, self.round_to,
+            rule = CalibratedRanks(self.budget, calibration, self.budget_cost, self.min_rank, self.round_to,
                                    self.ridge)
-        if self.budget is not None:
-            return BudgetedRanks(self.budget, self.budget_cost, self.min_rank, self.round_to)
-        return self._uniform()
+        elif self.budget is not None:
+            rule = BudgetedRanks(self.budget, self.budget_cost, self.min_rank, self.round_to)
+        else:
+            rule = self._uniform()
+        return MeasuredSpeed(rule) if self.speed_rule == SPEED_RULE_MEASURED else rule
+
+    @property
+    def ranks_from_first_fold(self) -> bool:
+        """True when the plan depends on more than the architecture (a budget: the weights; the measured speed
+        rule: timings, which vary run to run), so the folds of one folder share the first fold's ranks (one
+        plans.json holds one architecture)."""
+        return self.budget is not None or self.speed_rule == SPEED_RULE_MEASURED
 
     def describe(self) -> str:
         return self.policy().describe()
@@ -89,6 +107,7 @@ class LayerRecord:
     input_rank_deficient: bool | None = None  # calibrated: input covariance needed its ridge
     reason: str | None = None
     seconds: float = 0.0  # decomposition time of this layer
+    timing: dict | None = None  # speed rule "measured": dense vs factorized ms on this machine (layer_timing)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -122,8 +141,8 @@ def tucker_(model: nn.Module, policy: TuckerConfig | RankPolicy = TuckerConfig()
         gemm_pointwise = policy.gemm_pointwise if gemm_pointwise is None else gemm_pointwise
         ridge = policy.ridge
         policy = policy.policy(calibration if ranks is None else None)
-    elif isinstance(policy, CalibratedRanks):
-        ridge = policy.ridge
+    elif isinstance(policy, (CalibratedRanks, MeasuredSpeed)):  # the ridge of a calibrated rule, also wrapped
+        ridge = getattr(policy.base if isinstance(policy, MeasuredSpeed) else policy, "ridge", DEFAULT_RIDGE)
     elif not isinstance(policy, RankPolicy):
         raise TypeError(f"tucker_: expected a TuckerConfig or a rank policy (UniformRanks, BudgetedRanks, ...), "
                         f"got {type(policy).__name__}")
@@ -155,7 +174,8 @@ def apply_plan_(model: nn.Module, plan: RankPlan, n_iter_max: int = 2, gemm_poin
             rec = LayerRecord(name=name, aliases=aliases, kind=type(conv).__name__, in_channels=conv.in_channels,
                               out_channels=conv.out_channels, kernel_size=tuple(conv.kernel_size),
                               stride=tuple(conv.stride), rank_in=None, rank_out=None,
-                              params_before=param_count(conv), params_after=param_count(conv))
+                              params_before=param_count(conv), params_after=param_count(conv),
+                              timing=plan.timings.get(name))
             if name not in plan.ranks:
                 rec.reason = plan.dense.get(name, "not in the rank plan")
             else:

@@ -11,8 +11,10 @@ import re
 import sys
 import warnings
 
-from nnunet_green.contract import (DEFAULT_CALIBRATION_PATCHES, DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO, EXIT_BAD_INPUT,
-                                   EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, GreenError)
+from nnunet_green.contract import (DEFAULT_CALIBRATION_PATCHES, DEFAULT_LAYER_TIMING_SECONDS, DEFAULT_MIN_RANK,
+                                   DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO, DEFAULT_SPEED_MARGIN, DEFAULT_SPEED_RULE,
+                                   EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, SPEED_RULE_MEASURED,
+                                   SPEED_RULES, GreenError)
 from nnunet_green.recovery.settings import DistillSettings
 
 PROG = "nnunet-green-compress"
@@ -45,10 +47,10 @@ temporary folder it leaves beside OUT is removed by the next run.
 
 # option dest -> TuckerConfig field (the rank rule); the other options are compress() keyword arguments
 CONFIG_FIELDS = {"rank_ratio": "rank_ratio", "rank_budget": "budget", "budget_cost": "budget_cost",
-                 "min_rank": "min_rank", "round_to": "round_to"}
+                 "min_rank": "min_rank", "round_to": "round_to", "speed_rule": "speed_rule"}
 DISTILL_OPTIONS = {"distill_steps": "steps", "distill_lr": "lr", "distill_minutes": "max_minutes"}
 _FLAG_OF_FIELD = {"budget_cost": "--budget-cost", "rank_ratio": "--rank-ratio", "budget": "--rank-budget",
-                  "min_rank": "--min-rank", "round_to": "--round-to"}
+                  "min_rank": "--min-rank", "round_to": "--round-to", "speed_rule": "--speed-rule"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"smallest Tucker rank per mode (default {DEFAULT_MIN_RANK})")
     ranks.add_argument("--round-to", type=int,
                        help=f"round ranks to a multiple of this (default {DEFAULT_ROUND_TO}, suits GPU kernels)")
+    ranks.add_argument("--speed-rule", choices=SPEED_RULES,
+                       help=f"which layers pay off in speed: 'macs' factorizes every layer the rank rule saves "
+                            f"multiply-adds on; '{SPEED_RULE_MEASURED}' also times each such layer dense vs "
+                            f"factorized on this machine (its input shape at the plans' patch size, torch's "
+                            f"threads; at most {DEFAULT_LAYER_TIMING_SECONDS:g} s in total) and leaves it dense "
+                            f"unless factorizing is at least {DEFAULT_SPEED_MARGIN * 100:g}%% faster (default "
+                            f"{DEFAULT_SPEED_RULE}; docs/compression.md, 'Per-layer speed rule')")
     cal = p.add_argument_group("data-aware decomposition (docs/compression.md#data-aware-decomposition)")
     cal.add_argument("--calibrate", metavar="IMAGES_DIR",
                      help="unlabelled images (CASE_0000.nii.gz, ...): the dense network runs once over patches of "
@@ -181,6 +190,14 @@ def main(argv=None) -> int:
               f"({t['params_after'] / t['params_before']:.1%}), MACs {t['macs_before']:,} -> {t['macs_after']:,} "
               f"({t['macs_after'] / t['macs_before']:.1%}) at patch {m['patch_size']}, folds {m['folds']}, "
               f"{t['decomposition_s']:.1f} s")
+        timing = m.get("layer_timing")
+        if timing:
+            print(f"  speed rule {timing['rule']}: {timing['timed']} layers timed in {timing['seconds']:.1f} s "
+                  f"({timing['threads']} threads), {len(timing['kept_dense'])} kept dense (factorizing not faster "
+                  f"here, {timing['params_kept_dense']:,} parameters more)"
+                  + (f", {len(timing['untimed'])} untimed (multiply-add rule)" if timing["untimed"] else ""))
+            if timing.get("warning"):
+                print(f"{PROG}: warning: {timing['warning']}", file=sys.stderr)
         cal = m.get("calibration")
         if cal:
             print(f"  data-aware decomposition: {cal['patches']} calibration patches of {cal['images']} images")

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from nnunet_green.contract import (DEFAULT_CHECKPOINT, EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_OK,
-                                   FAST_PATH_ARTEFACT_KEY, MANIFEST_FILE, CompressionManifest, GreenError)
+                                   FAST_PATH_ARTEFACT_KEY, MANIFEST_FILE, SPEED_RULE_MEASURED, CompressionManifest,
+                                   GreenError)
 from nnunet_green.nnunet_io import ModelFolder
 
 PROG = "nnunet-green-fastpath"
@@ -46,21 +47,45 @@ def fold_status(loaded) -> str:
 
 def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, dense_folder=None,
                     speed_seconds: float | None = DEFAULT_SPEED_SECONDS, only_if_needed: bool = False,
-                    macs: tuple[int, int] | None = None) -> dict:
+                    macs: tuple[int, int] | None = None, speed_rule: str | None = None) -> dict:
     """Build and store the artefact of every fold (or, with only_if_needed, of the folds whose artefact is missing
     or stale); returns the "fast_path" record. Without onnx/onnxruntime or for a network class without a fast path
-    the record says so and nothing is written. `speed_seconds=None` skips the speed measurement."""
-    from .fast_export import ArtefactError, install_artefact_, measure_speedup
-
+    the record says so and nothing is written. With `dense_folder`, the compressed model is then timed as the
+    predictor will run it (fast path or, where it cannot apply, eager) against the dense one, and a slower model
+    gets a `warning`; `speed_seconds=None` skips that. `speed_rule`: the compression's (TuckerConfig.speed_rule),
+    so the warning suggests only what was not done."""
     folder = ModelFolder(folder)
     folds = [str(f) for f in (folds or folder.folds(checkpoint))]
+    record, loaded = _build_artefacts(folder, folds, checkpoint, only_if_needed)
+    if macs:
+        record["predicted_speedup"] = {"value": round(macs[0] / macs[1], 3),
+                                       "model": "multiply-add ratio dense / compressed at the plans' patch size "
+                                                "(arithmetic only: it ignores the non-conv work and the runtime)"}
+    if dense_folder is not None and speed_seconds is not None and folds:
+        from .fast_export import measure_speedup
+
+        # the last fold as loaded while building (its artefact in place), else loaded now: what the predictor runs
+        loaded = loaded or folder.load(folds[-1], checkpoint, what="compressed model")
+        dense = ModelFolder(dense_folder).load(loaded.fold, checkpoint, what="dense model").network
+        speed = measure_speedup(dense, loaded.network, fold_input_shape(loaded), max_seconds=speed_seconds)
+        speed.update(fold=loaded.fold, fast_path_used=fold_status(loaded) == "ok")
+        record["measured"] = speed
+        if speed["speedup"] < 1.0:
+            record["warning"] = slower_warning(speed, speed_rule, record.get("status"))
+    return record
+
+
+def _build_artefacts(folder: ModelFolder, folds: list[str], checkpoint: str, only_if_needed: bool):
+    """(record with status, per-fold results; the last fold loaded, or None where nothing could be built)."""
+    from .fast_export import ArtefactError, install_artefact_
+
     record: dict = {"folds": {}}
     try:
         import onnx  # noqa: F401
         import onnxruntime
     except ImportError as e:
         record.update(status="unavailable", reason=f"{e.name} is not installed")
-        return record
+        return record, None
     record["runtime"] = f"onnxruntime {onnxruntime.__version__}"
     loaded = None
     for f in folds:
@@ -68,7 +93,7 @@ def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, de
         status = fold_status(loaded)
         if status == "unsupported":
             record.update(status="unsupported", reason=f"no fast CPU path for {type(loaded.network).__name__}")
-            return record
+            return record, loaded
         if only_if_needed and status == "ok":
             record["folds"][f"fold_{f}"] = {"status": "ok (kept)"}
             continue
@@ -80,26 +105,30 @@ def build_fast_path(folder, folds=None, checkpoint: str = DEFAULT_CHECKPOINT, de
         write_artefact(folder, f, checkpoint, loaded.network._buffers[FAST_PATH_ARTEFACT_KEY])
     statuses = {r["status"] for r in record["folds"].values()}
     record["status"] = "built" if statuses <= {"built", "ok (kept)"} else "failed"
-    if macs:
-        record["predicted_speedup"] = {"value": round(macs[0] / macs[1], 3),
-                                       "model": "multiply-add ratio dense / compressed at the plans' patch size "
-                                                "(arithmetic only: it ignores the non-conv work and the runtime)"}
-    if dense_folder is not None and speed_seconds is not None and loaded is not None:
-        # the last fold as loaded above, its artefact in place: what the predictor runs
-        dense = ModelFolder(dense_folder).load(loaded.fold, checkpoint, what="dense model").network
-        speed = measure_speedup(dense, loaded.network, fold_input_shape(loaded), max_seconds=speed_seconds)
-        speed.update(fold=loaded.fold, fast_path_used=fold_status(loaded) == "ok")
-        record["measured"] = speed
-        if speed["speedup"] < 1.0:
-            record["warning"] = slower_warning(speed)
-    return record
+    return record, loaded
 
 
-def slower_warning(speed: dict) -> str:
+def slower_warning(speed: dict, speed_rule: str | None = None, fast_status: str | None = None) -> str:
+    """What a user reads when the compressed model measured slower than the dense one: the numbers, then what can
+    be done, leaving out what this compression did already. `fast_status`: the fast path record's status.
+    `--speed-rule measured` is offered where the model ran eagerly: its timings are eager PyTorch's, and with the
+    fast path it made the compressed models slower (docs/results/speed_rule.md)."""
+    eager = not speed.get("fast_path_used")
+    options = []
+    if eager and speed_rule != SPEED_RULE_MEASURED:
+        options.append(f"--speed-rule {SPEED_RULE_MEASURED} (keeps dense the layers whose factorization is slower "
+                       "on this machine; they hold few parameters)")
+    options.append("another --rank-ratio or --rank-budget (a smaller one removes more work per layer)")
+    if eager and fast_status == "unavailable":
+        options.append("the fast CPU path (install onnx and onnxruntime, then nnunet-green-fastpath FOLDER)")
+    elif eager and fast_status == "failed":
+        options.append("the fast CPU path, whose artefact failed to build (compression.json fast_path.folds says "
+                       "why)")
+    options.append("predicting on a GPU")
     return (f"the compressed model is not faster than the dense one on this machine ({speed['speedup']:.2f}x at "
-            f"input {tuple(speed['input_shape'])}, {speed['threads']} threads): small patches leave little "
-            "convolution work to save. Try a smaller --rank-ratio or --rank-budget, check that onnxruntime is "
-            "installed (the fast CPU path), or predict on a GPU.")
+            f"input {tuple(speed['input_shape'])}, {speed['threads']} threads, "
+            + ("eager PyTorch" if eager else "fast CPU path")
+            + "): small patches leave little convolution work to save. Try " + "; ".join(options) + ".")
 
 
 def update_manifest(folder: Path, record: dict) -> None:

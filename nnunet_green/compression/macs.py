@@ -33,31 +33,57 @@ def module_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     return 0
 
 
-def mac_breakdown(model: nn.Module, input_shape, dtype: torch.dtype = torch.float32) -> "OrderedDict[str, int]":
-    """Multiply-adds per conv/linear module (canonical name, in call order) for one forward of `input_shape`
-    (full shape including batch, e.g. (1, 1, 128, 128, 128)). The model's weights are untouched: the forward
-    runs under FakeTensorMode (shapes only), so a 128^3 forward costs about a second, not minutes."""
-    names = {}
+def _canonical_names(model: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
     for name, m in model.named_modules():  # first name wins = canonical name
         names.setdefault(id(m), name)
-    counts: "OrderedDict[str, int]" = OrderedDict()
+    return names
+
+
+def hooked_shape_forward(model: nn.Module, input_shape, on_call, select, dtype: torch.dtype = torch.float32) -> None:
+    """THE shape-hook route: one fake-tensor forward of `input_shape` (shapes only) calling
+    `on_call(canonical_name, module, input, output)` for every call of a module `select(module)` accepts. Counting
+    multiply-adds, executed parameters and per-layer input shapes all go through here."""
+    names = _canonical_names(model)
 
     def hook(module, args, output):
-        inp = args[0]
         out = output[0] if isinstance(output, (tuple, list)) else output
-        n = module_macs(module, inp, out)
-        if n:
-            key = names.get(id(module), type(module).__name__)
-            counts[key] = counts.get(key, 0) + n
+        on_call(names.get(id(module), type(module).__name__), module, args[0], out)
 
-    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in model.modules()}.values()
-               if isinstance(m, _CONV + _CONVT + (nn.Linear,))]
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in model.modules()}.values() if select(m)]
     try:
         _shape_forward(model, input_shape, dtype)
     finally:
         for h in handles:
             h.remove()
+
+
+def _counted(m: nn.Module) -> bool:
+    return isinstance(m, _CONV + _CONVT + (nn.Linear,))
+
+
+def mac_breakdown(model: nn.Module, input_shape, dtype: torch.dtype = torch.float32) -> "OrderedDict[str, int]":
+    """Multiply-adds per conv/linear module (canonical name, in call order) for one forward of `input_shape`
+    (full shape including batch, e.g. (1, 1, 128, 128, 128)). The model's weights are untouched: the forward
+    runs under FakeTensorMode (shapes only), so a 128^3 forward costs about a second, not minutes."""
+    counts: "OrderedDict[str, int]" = OrderedDict()
+
+    def count(name, module, inp, out):
+        n = module_macs(module, inp, out)
+        if n:
+            counts[name] = counts.get(name, 0) + n
+
+    hooked_shape_forward(model, input_shape, count, _counted, dtype)
     return counts
+
+
+def input_shapes(model: nn.Module, input_shape, dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
+    """{canonical name: shape of its input} of every conv/linear module for one forward of `input_shape` (shapes
+    only, as mac_breakdown). A module called more than once keeps its first call (nnU-Net calls each conv once)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooked_shape_forward(model, input_shape, lambda name, m, inp, out: shapes.setdefault(name, tuple(inp.shape)),
+                         _counted, dtype)
+    return shapes
 
 
 def count_macs(model: nn.Module, input_shape) -> int:
@@ -70,16 +96,8 @@ def executed_params(model: nn.Module, input_shape) -> int:
     """Parameters of the modules that one forward actually calls (each parameter once). For PlainConvUNet without
     deep supervision this drops the unused deep-supervision heads, which is how published counts are quoted."""
     called = {}
-
-    def hook(module, args, output):
-        called[id(module)] = module
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        _shape_forward(model, input_shape)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_shape_forward(model, input_shape, lambda name, m, inp, out: called.setdefault(id(m), m),
+                         lambda m: not list(m.children()))
     seen = {}
     for m in called.values():
         for p in m.parameters(recurse=False):

@@ -16,6 +16,7 @@ dense forward before decomposing it data-aware. The folder is written through
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import math
 import pydoc
@@ -31,8 +32,10 @@ from torch import nn
 import nnunet_green
 from nnunet_green.contract import (DATASET_FILE, DECOMPOSITION_CALIBRATED, DECOMPOSITION_WEIGHT_ONLY,
                                    DEFAULT_CALIBRATION_PATCHES, DEFAULT_CHECKPOINT, FINGERPRINT_FILE, MANIFEST_FILE,
-                                   PLANS_FILE, PROGRESS_FILE, CompressionManifest, GreenError, write_json_atomic)
+                                   PLANS_FILE, PROGRESS_FILE, SPEED_RULE_MACS, SPEED_RULE_MEASURED, CompressionManifest,
+                                   GreenError, write_json_atomic)
 from nnunet_green.compression.fast_path import eager
+from nnunet_green.compression.layer_timing import timing_summary
 from nnunet_green.nnunet_io import ModelFolder, ModelFolderError, find_model_folders, io_channels, publish, sha256
 
 COPIED_FILES = (DATASET_FILE, FINGERPRINT_FILE)
@@ -136,7 +139,8 @@ def compress_into(src: Path, out: Path, config=None, folds=None, checkpoint: str
         t = result.totals
         manifest.fast_path = build_fast_path(out, source.folds, source.checkpoint, dense_folder=src,
                                              speed_seconds=DEFAULT_SPEED_SECONDS if speed_check else None,
-                                             macs=(t["macs_before"], t["macs_after"]))
+                                             macs=(t["macs_before"], t["macs_after"]),
+                                             speed_rule=config.speed_rule)
         manifest.write(out / MANIFEST_FILE)
     return manifest.to_json()
 
@@ -280,7 +284,8 @@ def decompose_folds(source: Source, config, half: bool = False, progress: bool =
         net.eval()
         if result is None:
             totals = {"params_before": param_count(net), "macs_before": int(count_macs(net, shape))}
-        shared = None if result is None or config.budget is None else {k: tuple(v) for k, v in result.ranks.items()}
+        shared = (None if result is None or not config.ranks_from_first_fold
+                  else {k: tuple(v) for k, v in result.ranks.items()})
         stats = None
         if calibration is not None:
             try:
@@ -303,7 +308,10 @@ def decompose_folds(source: Source, config, half: bool = False, progress: bool =
         ranks = {r.name: [int(r.rank_in), int(r.rank_out)] for r in records if r.factorized}
         if result is None:
             if not ranks:
-                raise CompressionError(f"{source.folder.path}: no layer was factorized at {config.describe()}")
+                slower = sum(bool(r.timing and r.timing.get("verdict")) for r in records)
+                raise CompressionError(f"{source.folder.path}: no layer was factorized at {config.describe()}" + (
+                    f" (factorizing was not faster on this machine for all {slower} planned layers; "
+                    f"--speed-rule {SPEED_RULE_MACS} factorizes them anyway)" if slower else ""))
             totals.update(params_after=param_count(net), macs_after=int(count_macs(net, shape)))
             result = Decomposition(ranks, records, {}, {}, totals)
         elif ranks != result.ranks:
@@ -415,13 +423,17 @@ def verify_folder(source: Source, out: Path) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 def rank_rule(config, n_folds: int, calibration: dict | None = None) -> str:
-    rule = config.describe()
+    from nnunet_green.compression.policies import MeasuredSpeed
+
+    rule = dataclasses.replace(config, speed_rule=SPEED_RULE_MACS).describe()  # the rank rule alone
+    if calibration and config.budget is not None:  # the budget was spent by CalibratedRanks
+        rule = (f"calibrated ranks: {config.budget:g} of the factorizable layers' {config.budget_cost} "
+                "(output error on the calibration patches, greedy)")
+    if config.speed_rule == SPEED_RULE_MEASURED:
+        rule += MeasuredSpeed.SUFFIX
     if calibration:
-        if config.budget is not None:  # the budget was spent by CalibratedRanks
-            rule = (f"calibrated ranks: {config.budget:g} of the factorizable layers' {config.budget_cost} "
-                    "(output error on the calibration patches, greedy)")
         rule += f"; data-aware factors from {calibration['patches']} calibration patches"
-    if config.budget is not None and n_folds > 1:
+    if config.ranks_from_first_fold and n_folds > 1:
         rule += "; ranks chosen on the first fold"
     return rule
 
@@ -445,7 +457,7 @@ def build_manifest(source: Source, result: Decomposition, config, half: bool, ve
         # rank_ratio stays null for a budgeted model: its ranks do not follow one ratio (see rule_label)
         config={"rank_ratio": None if budgeted else config.rank_ratio, "budget": config.budget,
                 "budget_cost": config.budget_cost if budgeted else None, "min_rank": config.min_rank,
-                "round_to": config.round_to, "half": bool(half)},
+                "round_to": config.round_to, "half": bool(half), "speed_rule": config.speed_rule},
         rank_rule=rank_rule(config, len(folds), result.calibration),
         configuration=source.configuration,
         patch_size=source.patch_size,
@@ -460,6 +472,7 @@ def build_manifest(source: Source, result: Decomposition, config, half: bool, ve
         carried_over=dict(carried_over),
         decomposition=DECOMPOSITION_CALIBRATED if result.calibration else DECOMPOSITION_WEIGHT_ONLY,
         calibration=result.calibration,
+        layer_timing=timing_summary(layers) if config.speed_rule == SPEED_RULE_MEASURED else None,
     )
 
 

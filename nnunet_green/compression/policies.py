@@ -11,6 +11,8 @@ Every policy has `plan(model, input_shape=None, filter_fn=None) -> RankPlan` and
 - `CalibratedRanks(budget, calibration, cost, min_rank, round_to, ridge)`: the same global budget, spent by the
   output error each rank step costs as measured on calibration images (`calibration.collect_statistics`,
   `data_aware.spectra`) instead of by the weights' singular values.
+- `MeasuredSpeed(base, margin, max_seconds)`: any of the above, then every planned layer timed dense vs factorized
+  on this machine at its input shape (`layer_timing`); a layer whose factorization is not faster stays dense.
 
 All of them leave dense what `cost.dense_reason` (the one eligibility rule) refuses, with that reason in the plan.
 """
@@ -22,12 +24,14 @@ from typing import Callable, Mapping, Protocol, runtime_checkable
 
 from torch import nn
 
-from nnunet_green.contract import DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO, DEFAULT_ROUND_TO
+from nnunet_green.contract import (DEFAULT_LAYER_TIMING_SECONDS, DEFAULT_MIN_RANK, DEFAULT_RANK_RATIO,
+                                   DEFAULT_ROUND_TO, DEFAULT_SPEED_MARGIN)
 
 from .calibration import DEFAULT_RIDGE, CalibrationStats
 
 from .cost import check_factorizable, dense_reason, mac_fraction
 from .decompose import tucker_ranks
+from .layer_timing import Timer, time_planned_layers
 from .rank_selection import COSTS, select_ranks
 from .surgery import unique_convs
 
@@ -42,6 +46,7 @@ class RankPlan:
     ranks: dict[str, tuple[int, int]]
     dense: dict[str, str] = field(default_factory=dict)
     rule: str = ""
+    timings: dict[str, dict] = field(default_factory=dict)  # MeasuredSpeed: per timed layer (layer_timing)
 
 
 @runtime_checkable
@@ -215,3 +220,44 @@ class GivenRanks:
                 r_in, r_out = self.ranks[name]
                 ranks[name] = (int(r_in), int(r_out))
         return RankPlan(ranks, dense, self.describe())
+
+
+@dataclass(frozen=True)
+class MeasuredSpeed:
+    """`base`'s plan, minus the layers whose factorization is not faster on this machine: each planned layer is
+    timed dense vs factorized at its input shape in the network (`input_shape` of plan(): batch 1, the plans' patch
+    size), and stays dense unless factorized < dense x (1 - margin). Layers not timed within `max_seconds` keep
+    base's decision (the multiply-add rule), and say so. The timing records go into the plan (and the layer
+    records). `timer`: (conv, ranks, input shape) -> LayerTiming, for tests; default layer_timing's clock."""
+    base: RankPolicy
+    margin: float = DEFAULT_SPEED_MARGIN
+    max_seconds: float = DEFAULT_LAYER_TIMING_SECONDS
+    timer: Timer | None = field(default=None, compare=False, repr=False)
+
+    SUFFIX = "; layers left dense where factorizing is not faster on this machine (measured)"
+
+    def __post_init__(self):
+        if not isinstance(self.base, RankPolicy):
+            raise TypeError(f"MeasuredSpeed: base must be a rank policy, got {type(self.base).__name__}")
+        m = self.margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or math.isnan(m) or not 0.0 <= m < 1.0:
+            raise ValueError(f"margin must satisfy 0 <= margin < 1; got {m!r}")
+        s = self.max_seconds
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or s <= 0:
+            raise ValueError(f"max_seconds must be a number > 0; got {s!r}")
+
+    def describe(self) -> str:
+        return self.base.describe() + self.SUFFIX
+
+    def plan(self, model: nn.Module, input_shape=None, filter_fn: FilterFn | None = None) -> RankPlan:
+        if input_shape is None:
+            raise ValueError("speed_rule 'measured' times each layer where the network runs it: give tucker_ the "
+                             "input_shape (batch 1, the plans' patch size, e.g. (1, 1, 128, 128, 128))")
+        base = self.base.plan(model, input_shape=input_shape, filter_fn=filter_fn)
+        timings = time_planned_layers(model, base.ranks, input_shape, self.max_seconds, self.timer, self.margin)
+        ranks, dense = dict(base.ranks), dict(base.dense)
+        for name, rec in timings.items():
+            if rec.get("verdict"):
+                del ranks[name]
+                dense[name] = rec["verdict"]
+        return RankPlan(ranks, dense, self.describe(), {**base.timings, **timings})
