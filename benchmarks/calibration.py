@@ -48,8 +48,8 @@ def sweep(args) -> int:
     from nnunet_green.compression.model_folder import compress_model_folder
     from nnunet_green.contract import MANIFEST_FILE
     from nnunet_green.evaluation.bench import bench
-    from nnunet_green.evaluation.experiment import equal_budget, finetune, train_msd_subset, variant_rows, write_result
-    from nnunet_green.nnunet_io import ModelFolder
+    from nnunet_green.evaluation.experiment import (equal_budget, finetune, nnunet_folders, train_msd_subset,
+                                                    variant_rows, write_result)
     from nnunet_green.recovery import distill_model_folder
 
     if args.data is not None:
@@ -57,8 +57,7 @@ def sweep(args) -> int:
         dense, images, labels = train_msd_subset(args.data.absolute(), work, args.n_train, args.n_test, args.epochs,
                                                  args.iters, val_iters=2, fold=args.fold)
         train_images = work / "raw" / "Dataset004_Hippocampus" / "imagesTr"
-        os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-                          nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1")
+        os.environ.update(nnunet_folders(work))
     else:
         if args.finetune_ratios and not os.environ.get("nnUNet_results"):
             sys.exit("--finetune-ratios needs --data, or nnUNet_raw/nnUNet_preprocessed/nnUNet_results of the "
@@ -112,12 +111,9 @@ def sweep(args) -> int:
                                                               f"patches, AdamW lr {args.lr}"}))
                 print(f"+ {target.name}: {rec['seconds']:.0f} s", file=sys.stderr, flush=True)
         if ratio in args.finetune_ratios:
-            dense_folder = ModelFolder(dense)  # any folder name (a benchmark's runs/NAME too)
-            configuration = dense_folder.configuration_name(dense_folder.load_checkpoint(args.fold))
             for folder in uni.values():
                 target = models / f"{folder.name}-finetuned"
-                cost = finetune(folder, dense_folder.plans["dataset_name"], configuration, args.fold,
-                                args.finetune_epochs, args.finetune_iters, None, "cpu", target)
+                cost = finetune(folder, args.fold, args.finetune_epochs, args.finetune_iters, None, "cpu", target)
                 base = dict(next(r for f, r in variants if f == folder))
                 variants.append((target, {**base, "recovery": cost["recovery"], "finetune_s": cost["seconds"],
                                           "finetune_settings": cost["settings"]}))

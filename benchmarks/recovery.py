@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from nnunet_green.contract import MANIFEST_FILE, RECOVERY_DISTILLED, GreenSettings, env_name
-from nnunet_green.evaluation.experiment import equal_budget, finetune, training_cost, variant_rows, write_result
+from nnunet_green.evaluation.experiment import (equal_budget, finetune, nnunet_folders, training_cost, variant_rows,
+                                                write_result)
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("uniform", "budgeted", "budgeted-macs")
@@ -83,8 +84,7 @@ def main(argv=None) -> int:
         dense, images, labels = train_msd_subset(args.data.absolute(), work, args.n_train, args.n_test, args.epochs,
                                                  args.iters, val_iters=2, fold=args.fold, device=args.device)
         distill_images = args.distill_images or work / "raw" / "Dataset004_Hippocampus" / "imagesTr"
-        os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-                          nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1")
+        os.environ.update(nnunet_folders(work))
     else:
         if None in (args.model, args.images, args.labels, args.distill_images):
             p.error("give --data, or --model with --images, --labels and --distill-images")
@@ -98,8 +98,6 @@ def main(argv=None) -> int:
     out = args.output.absolute()
     models = out / "recovery_models"
     models.mkdir(parents=True, exist_ok=True)
-    conf = dense.name.split("__")[-1]
-    dataset = dense.parent.name
     distill_ratios = args.ratios if args.distill_ratios is None else args.distill_ratios
     dense_cost = training_cost(dense / f"fold_{args.fold}")
 
@@ -138,8 +136,8 @@ def main(argv=None) -> int:
                                           "heldout_rel_error": [rec["heldout_rel_error_before"],
                                                                 rec["heldout_rel_error_after"]]}))
             if ratio in args.finetune_ratios:
-                cost = finetune(folder, dataset, conf, args.fold, args.finetune_epochs, args.finetune_iters,
-                                args.finetune_lr, args.device, models / f"{folder.name}-finetuned")
+                cost = finetune(folder, args.fold, args.finetune_epochs, args.finetune_iters, args.finetune_lr,
+                                args.device, models / f"{folder.name}-finetuned")
                 variants.append((models / f"{folder.name}-finetuned", {**base, **cost}))
 
     result = bench([dense] + [v[0] for v in variants], out / "recovery_bench", device=args.device, repeats=1,

@@ -39,12 +39,17 @@ def run_tool(args, env: dict) -> None:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+def nnunet_folders(work: Path) -> dict:
+    """nnU-Net's folder variables for a benchmark's work folder: raw, preprocessed and results under `work`."""
+    return dict(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
+                nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1")
+
+
 def nnunet_env(work: Path, **extra) -> dict:
     """The environment with nnUNet_raw/preprocessed/results under `work` (created)."""
     for k in ("raw", "preprocessed", "results"):
         (work / k).mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-               nnUNet_results=str(work / "results"), nnUNet_def_n_proc="1", nnUNet_compile="f")
+    env = dict(os.environ, **nnunet_folders(work), nnUNet_compile="f")
     env.pop("nnUNet_extTrainer", None)  # the installed package must be enough to find the trainers
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -164,11 +169,15 @@ def training_cost(fold_folder: Path) -> dict:
     return {"seconds": round(seconds, 1), "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source")}
 
 
-def finetune(compressed: Path, dataset: str, configuration: str, fold: str, epochs: int, iters: int, lr: float | None,
-             device: str, target: Path) -> dict:
+def finetune(compressed: Path, fold: str, epochs: int, iters: int, lr: float | None, device: str,
+             target: Path) -> dict:
     """nnUNetv2_train -tr nnUNetTrainerTuckerFinetune starting from `compressed` (nnUNet_raw/preprocessed/results of
-    its dataset set in os.environ); the result folder is moved to `target` (one trainer name, several variants).
-    Returns its cost."""
+    its dataset set in os.environ); dataset and configuration are the compressed folder's own. The result folder is
+    moved to `target` (one trainer name, several variants). Returns its cost."""
+    from nnunet_green.nnunet_io import ModelFolder
+
+    folder = ModelFolder(compressed)
+    dataset, configuration = folder.plans["dataset_name"], folder.manifest().configuration
     lr = GreenSettings().finetune_lr if lr is None else lr
     env = dict(os.environ, nnUNet_compile="f", **{env_name("finetune_from"): str(compressed),
                                                   env_name("epochs"): str(epochs), env_name("iters"): str(iters),
