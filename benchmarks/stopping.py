@@ -3,7 +3,8 @@
 On the first --n-train labelled cases of MSD Hippocampus (converted and planned once with the real nnU-Net CLIs
 into --work; the next --n-test labelled cases held out), nnU-Net's training entry point (what `nnUNetv2_train`
 runs) trains the same trainer, fold and seed twice: once for the whole schedule, once with
-nnUNet_green_patience / nnUNet_green_min_delta. For each run it reports nnU-Net's final validation Dice
+nnUNet_green_patience / nnUNet_green_min_delta (and nnUNet_green_cooldown: after the plateau the learning rate is
+annealed over that many epochs before the stop; default the patience). For each run it reports nnU-Net's final validation Dice
 (validation/summary.json, via green_summary.json), Dice of `nnUNetv2_predict_from_modelfolder` on the held-out
 labelled cases (unless --no-predict), training time, energy where a counter is readable (else the CPU time of the
 training process tree, labelled as such), the stop epoch and reason, and the saving in %. Pass/fail against issue
@@ -13,10 +14,10 @@ Seed: random, numpy and torch are seeded in the training process before nnU-Net 
 (the default here) augmentation runs in that process too. nnU-Net turns cudnn.benchmark on, so GPU runs are not
 bit-reproducible.
 
-Default (sized for roughly an hour on a 2-core CPU, an estimate not yet measured; `make bench-stopping`):
+Default (about an hour on a quiet 2-core CPU, the full run ~35 min of it; `make bench-stopping`):
   python benchmarks/stopping.py -o bench_out/stopping
 Smoke test of the script (a couple of minutes; patience 1 with min_delta 1.0 forces a stop):
-  python benchmarks/stopping.py --n-train 6 --n-test 2 --epochs 3 --iters 2 --val-iters 1 --patience 1 \\
+  python benchmarks/stopping.py --n-train 6 --n-test 2 --epochs 4 --iters 2 --val-iters 1 --patience 1 \\
       --min-delta 1.0 -o /tmp/stopping_smoke
 """
 from __future__ import annotations
@@ -86,12 +87,15 @@ def markdown(result: dict) -> str:
              f"for the final validation) + {s['n_test']} held-out labelled cases, {s['trainer']}, {s['epochs']} "
              f"epochs x {s['iters']} iterations ({s['val_iters']} validation iterations), seed {s['seed']}, "
              f"nnUNet_n_proc_DA={s['n_proc_DA']}. Early run: nnUNet_green_patience={s['patience']}, "
-             f"nnUNet_green_min_delta={s['min_delta']:g}. Cost measure: {c['cost_measure']}.", "",
+             f"nnUNet_green_min_delta={s['min_delta']:g}"
+             + ("" if s.get("cooldown") is None else f", nnUNet_green_cooldown={s['cooldown']}")
+             + f" (policy: {result['runs'][-1]['policy']}). Cost measure: {c['cost_measure']}.", "",
              "| run | stop (last epoch, 0-based) | epochs | training s | energy J (source) | process CPU s | "
              "val Dice | held-out Dice |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['run']} | {r['stop_reason']} (epoch {r['stop_epoch']}) | {r['epochs_trained']}/"
+        plateau = "" if r.get("plateau_epoch") is None else f", plateau after epoch {r['plateau_epoch']}"
+        lines.append(f"| {r['run']} | {r['stop_reason']} (epoch {r['stop_epoch']}{plateau}) | {r['epochs_trained']}/"
                      f"{r['epochs_scheduled']} | {_f(r['train_time_s'])} | {_f(r['energy_j'], '.0f')} "
                      f"({r['energy_source']}) | {_f(r['process_cpu_s'])} | {_f(r['validation_dice'], '.4f')} | "
                      f"{_f(r.get('held_out_dice'), '.4f')} |")
@@ -122,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-iters", type=int, default=5)
     p.add_argument("--patience", type=int, default=5, help="nnUNet_green_patience of the early run")
     p.add_argument("--min-delta", type=float, default=0.005, help="nnUNet_green_min_delta of the early run")
+    p.add_argument("--cooldown", type=int, default=None, help="nnUNet_green_cooldown of the early run (default: "
+                   "unset, i.e. the trainer's default, the patience; 0 stops at the plateau itself)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-f", "--fold", default="0")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -137,8 +143,8 @@ def main(argv=None) -> int:
     data = (args.data or default_data()).absolute()
     if not (data / DATASET_FILE).is_file():
         p.error(f"MSD Task04_Hippocampus not found at {data} (set --data or NNUNET_GREEN_DATA)")
-    if args.patience < 1 or args.min_delta < 0 or args.epochs < 2:
-        p.error("--patience must be >= 1, --min-delta >= 0 and --epochs >= 2")
+    if args.patience < 1 or args.min_delta < 0 or args.epochs < 2 or (args.cooldown or 0) < 0:
+        p.error("--patience must be >= 1, --min-delta and --cooldown >= 0 and --epochs >= 2")
     work = args.work.absolute()
     from nnunet_green.evaluation.experiment import prepare_msd_subset
 
@@ -149,7 +155,8 @@ def main(argv=None) -> int:
                   iters=args.iters, val_iters=args.val_iters, n_proc_da=args.n_proc_da)
     runs = [seeded_training_run("full", work, (DATASET_ID, DATASET_NAME), **common),
             seeded_training_run("early", work, (DATASET_ID, DATASET_NAME), **common,
-                                green_env={"patience": args.patience, "min_delta": args.min_delta})]
+                                green_env={"patience": args.patience, "min_delta": args.min_delta,
+                                           **({} if args.cooldown is None else {"cooldown": args.cooldown})})]
     if not args.no_predict and args.n_test > 0:
         for run in runs:
             held_out_dice(run, images, labels, args.fold, args.device)
@@ -159,7 +166,7 @@ def main(argv=None) -> int:
         "machine": machine_info(args.device),
         "settings": {"n_train": args.n_train, "n_test": args.n_test, "trainer": args.trainer, "epochs": args.epochs,
                      "iters": args.iters, "val_iters": args.val_iters, "patience": args.patience,
-                     "min_delta": args.min_delta, "seed": args.seed, "fold": args.fold, "device": args.device,
+                     "min_delta": args.min_delta, "cooldown": args.cooldown, "seed": args.seed, "fold": args.fold, "device": args.device,
                      "n_proc_DA": args.n_proc_da, "data": str(data)},
         "runs": runs, "comparison": compare(*runs), "elapsed_s": round(time.perf_counter() - start, 1),
     }

@@ -159,6 +159,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("nnUNet_green_min_delta", _non_negative_float, 0.0, "smallest EMA pseudo-Dice gain that counts"),
     EnvVar("nnUNet_green_min_epochs", _non_negative_int, None,
            "epochs before a plateau may stop training (unset: a tenth of the schedule; budgets always apply)"),
+    EnvVar("nnUNet_green_cooldown", _non_negative_int, None,
+           "epochs that anneal the learning rate to near 0 after a plateau, before the stop (unset: the patience)"),
     EnvVar("nnUNet_green_budget_kwh", _positive_float, None,
            "stop before the measured energy would exceed this (refused at start without an energy measurement)"),
     EnvVar("nnUNet_green_budget_hours", _positive_float, None, "stop before the training time would exceed this"),
@@ -184,6 +186,7 @@ class GreenSettings:
     patience: int | None = None
     min_delta: float = 0.0
     min_epochs: int | None = None
+    cooldown: int | None = None
     budget_kwh: float | None = None
     budget_hours: float | None = None
     fast_path: bool = True

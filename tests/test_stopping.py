@@ -49,6 +49,42 @@ def test_no_plateau_stop_during_the_warm_up_and_its_default_is_a_tenth_of_the_sc
         GreenSettings.from_env({"nnUNet_green_min_epochs": "-3"})
 
 
+def test_a_plateau_starts_a_cool_down_then_stops_and_budgets_still_apply_while_cooling():
+    policy = StoppingPolicy.from_settings(GreenSettings.from_env({"nnUNet_green_patience": "2"}))
+    assert policy.cooldown == 2 and "then 2 cool-down epochs" in policy.describe()  # default: the patience
+    ema = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    plateau = policy.decide(rows(3), ema[:3])
+    assert plateau["reason"] == "plateau" and plateau["epoch"] == 2 and plateau["cooldown_epochs"] == 2
+    assert "cooldown_from" not in plateau  # asks for the cool-down, not the stop
+    assert policy.decide(rows(4), ema[:4], cooling_since=plateau) is None  # cooling: no new plateau
+    stop = policy.decide(rows(5), ema[:5], cooling_since=plateau)
+    assert stop["reason"] == "plateau" and stop["epoch"] == 4 and stop["plateau_epoch"] == 2
+    assert stop["cooldown_from"] == 3 and stop["time_s"] == pytest.approx(50)
+    budget = StoppingPolicy(patience=2, cooldown=10, budget_hours=45 / 3600)
+    assert budget.decide(rows(4), ema[:4], cooling_since=plateau)["reason"] == "time_budget"
+    assert StoppingPolicy.from_settings(GreenSettings.from_env(
+        {"nnUNet_green_patience": "2", "nnUNet_green_cooldown": "0"})).cooldown == 0
+
+
+def test_cool_down_anneals_the_rest_of_the_poly_schedule_into_its_epochs():
+    import torch
+
+    from nnunet_green.training.schedule import CoolDownPolyLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    schedule = CoolDownPolyLR(optimizer, initial_lr=0.01, max_steps=100)
+    poly = [schedule.lr_at(e) for e in range(100)]
+    assert poly[0] == pytest.approx(0.01) and poly[50] == pytest.approx(0.01 * 0.5 ** 0.9)
+    schedule.cool_down(50, 4)
+    cooled = [schedule.lr_at(e) for e in range(50, 54)]
+    assert schedule.lr_at(49) == poly[49] and cooled[0] == pytest.approx(poly[50] * 0.8 ** 0.9)
+    assert all(a > b for a, b in zip(cooled, cooled[1:])) and cooled[-1] == pytest.approx(poly[50] * 0.2 ** 0.9)
+    schedule.step(52)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cooled[2])
+    schedule.cancel_cool_down()
+    assert schedule.lr_at(52) == poly[52]
+
+
 def test_nan_epochs_never_count_as_improvement():
     policy = StoppingPolicy(patience=2)
     assert policy.decide(rows(3), [0.4, math.nan, math.nan])["best_epoch"] == 0
@@ -81,7 +117,7 @@ def test_settings_are_validated():
     with pytest.raises(SettingsError, match="nnUNet_green_budget_kwh"):
         GreenSettings.from_env({"nnUNet_green_budget_kwh": "lots"})
     s = GreenSettings.from_env({"nnUNet_green_patience": "5", "nnUNet_green_budget_hours": "1.5"})
-    assert StoppingPolicy.from_settings(s) == StoppingPolicy(patience=5, budget_hours=1.5)
+    assert StoppingPolicy.from_settings(s) == StoppingPolicy(patience=5, budget_hours=1.5, cooldown=5)
 
 
 def test_full_schedule_estimate_is_labelled_and_extrapolated():
@@ -107,25 +143,31 @@ def test_plateau_stops_the_nnunet_way_and_continue_does_not_train_on(hippocampus
 
     from conftest import run_cli
 
-    # min_delta 1.0: no pseudo-Dice gain can count, so patience 1 stops after epoch 1 of 6
+    import torch
+
+    # min_delta 1.0: no pseudo-Dice gain can count, so patience 1 finds the plateau after epoch 1 of 6; one
+    # cool-down epoch (the default: the patience) at a lowered learning rate, then the stop
     stop_env = dict(nnUNet_green_patience=1, nnUNet_green_min_delta=1.0)
     fold = hippocampus.train("nnUNetTrainerGreen8bit", fold=2, epochs=6, iters=2, val_iters=1, **stop_env)
     assert (fold / "checkpoint_final.pth").is_file() and not (fold / "checkpoint_latest.pth").exists()
     assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's final validation ran as after a full run
     summary = json.loads((fold / "green_summary.json").read_text())
     stop = summary["stopping"]
-    assert stop["reason"] == "plateau" and stop["epoch"] == 1 and stop["best_epoch"] == 0
-    assert summary["epochs_logged"] == 2
+    assert stop["reason"] == "plateau" and stop["epoch"] == 2 and stop["plateau_epoch"] == 1
+    assert stop["best_epoch"] == 0 and stop["cooldown_epochs"] == 1 and summary["epochs_logged"] == 3
+    lrs = torch.load(fold / "checkpoint_final.pth", weights_only=False)["logging"]["lrs"]
+    poly = [summary["initial_lr"] * (1 - e / 6) ** 0.9 for e in range(3)]
+    assert lrs[:2] == pytest.approx(poly[:2]) and lrs[2] == pytest.approx(poly[2] * 0.5 ** 0.9)
     full = stop["full_schedule"]
-    assert "extrapolated" in full["method"] and full["num_epochs"] == 6 and full["epochs_saved"] == 4
-    assert full["time_s"] > summary["totals"]["time_s"] * 2  # 6 epochs extrapolated from 2
+    assert "extrapolated" in full["method"] and full["num_epochs"] == 6 and full["epochs_saved"] == 3
+    assert full["time_s"] > summary["totals"]["time_s"] * 1.5  # 6 epochs extrapolated from 3
     assert summary["totals"]["data_wait_s"] is not None and 0 <= summary["totals"]["data_wait_fraction"] <= 1
 
     # `--c` with the same policy: the run is not trained on, and says so
     hippocampus.train("nnUNetTrainerGreen8bit", fold=2, epochs=6, iters=2, val_iters=1, extra_args=["--c"],
                       **stop_env)
     again = json.loads((fold / "green_summary.json").read_text())
-    assert again["epochs_logged"] == 2 and again["stopping"]["reason"] == "plateau"
+    assert again["epochs_logged"] == 3 and again["stopping"]["reason"] == "plateau"
     logs = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "does not train on" in logs
 

@@ -16,7 +16,7 @@ from nnunet_green.contract import (BASELINE_TRAINER, DATASET_FILE, DEFAULT_CHECK
                                    FINETUNE_TRAINER, GREEN_SUMMARY_FILE, RECOVERY_FINETUNED, GreenSettings,
                                    TrainingSummary, env_name, read_json)
 
-STOP_SETTINGS = ("patience", "min_delta", "min_epochs", "budget_kwh", "budget_hours")
+STOP_SETTINGS = ("patience", "min_delta", "min_epochs", "cooldown", "budget_kwh", "budget_hours")
 # nnU-Net's own training entry point, seeded first (the console script nnUNetv2_train runs the same function).
 SEEDED_TRAIN = """\
 import random, sys
@@ -134,6 +134,7 @@ def seeded_training_run(name: str, work: Path, dataset: tuple[int, str], *, trai
     return {
         "run": name, "model_folder": str(target), "plans": plans, "policy": stopping.get("policy"),
         "stop_reason": stopping.get("reason"), "stop_epoch": stopping.get("epoch"),
+        "plateau_epoch": stopping.get("plateau_epoch"),
         "epochs_trained": summary.epochs_logged, "epochs_scheduled": extra.get("num_epochs"),
         "train_time_s": t.get("time_s"), "final_validation_s": t.get("final_validation_s"),
         "energy_j": t.get("energy_j"), "energy_source": t.get("energy_source"),

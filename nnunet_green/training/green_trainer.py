@@ -14,7 +14,6 @@ from os.path import isfile, join
 import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import GradScaler
 
@@ -23,6 +22,7 @@ from nnunet_green.metering import EpochMeter
 from nnunet_green.metering.distributed import is_node_leader, rank0_decides
 from nnunet_green.training.optimizers import NNUNET_SGD, OptimizerRecipe, optimizer_state_bytes
 from nnunet_green.training.precision import FP32, Precision
+from nnunet_green.training.schedule import CoolDownPolyLR
 from nnunet_green.training.stopping import StoppingPolicy, full_schedule_estimate
 
 # Short runs for tests and demos (nnU-Net's `_Xepochs` classes still run 250 iterations per epoch):
@@ -38,6 +38,7 @@ CPU_LOW_PRECISION_ENV = env_name("cpu_low_precision")
 # Per-epoch values added to nnU-Net's own logger (saved in every checkpoint's 'logging').
 LOGGED_KEYS = ("green_energy_j", "green_co2eq_g", "green_epoch_s", "green_nonfinite_steps", "green_data_wait_s")
 STOP_CHECKPOINT_KEY = "green_stopping"  # the stop record, kept in checkpoints so that `--c` does not train on
+COOL_DOWN_CHECKPOINT_KEY = "green_cool_down"  # the plateau that started a cool-down, so that `--c` keeps cooling
 
 
 class StopTraining(Exception):
@@ -84,6 +85,7 @@ class nnUNetTrainerGreen(nnUNetTrainer):
         self.meter: EpochMeter | None = None
         self.stopping = StoppingPolicy.from_settings(self.settings, self.num_epochs)
         self.stop_record: dict | None = None
+        self.cooling_since: dict | None = None  # the plateau record, while the learning rate cools down
         self._nonfinite_in_epoch = 0
         self._nonfinite_in_a_row = 0
         logging = self.logger.local_logger.my_fantastic_logging
@@ -101,14 +103,15 @@ class nnUNetTrainerGreen(nnUNetTrainer):
                 f"{CPU_LOW_PRECISION_ENV}=1 to keep it anyway). Optimizer: {self.optimizer_recipe.name}.")
         self.active_precision.prepare_(self.network)
         optimizer = self.optimizer_recipe.build(self.network.parameters(), self.initial_lr, self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, CoolDownPolyLR(optimizer, self.initial_lr, self.num_epochs)
 
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
-        if self.stop_record is not None and self.local_rank == 0 and not self.disable_checkpointing:
+        ours = {STOP_CHECKPOINT_KEY: self.stop_record, COOL_DOWN_CHECKPOINT_KEY: self.cooling_since}
+        if any(v is not None for v in ours.values()) and self.local_rank == 0 and not self.disable_checkpointing:
             # nnU-Net's checkpoint dict has fixed keys; add ours to the file it just wrote.
             checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint[STOP_CHECKPOINT_KEY] = self.stop_record
+            checkpoint.update(ours)
             torch.save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
@@ -117,6 +120,9 @@ class nnUNetTrainerGreen(nnUNetTrainer):
         # record costs a second read of the file, once per `--c` / `--val`.
         checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
         self.stop_record = checkpoint.get(STOP_CHECKPOINT_KEY)
+        self.cooling_since = checkpoint.get(COOL_DOWN_CHECKPOINT_KEY)
+        if self.cooling_since is not None:
+            self.lr_scheduler.cool_down(self.cooling_since["epoch"] + 1, self.cooling_since["cooldown_epochs"])
         # A checkpoint written by a non-green trainer has none of our logger keys: pad them to the current epoch
         # so nnU-Net's "one value per epoch" logger and progress.png stay aligned.
         logging = self.logger.local_logger.my_fantastic_logging
@@ -150,7 +156,8 @@ class nnUNetTrainerGreen(nnUNetTrainer):
         self.print_to_log_file(
             f"nnunet-green: this run had stopped at epoch {previous['epoch']} ({previous['reason']}); the current "
             f"stopping policy ({self.stopping.describe()}) lets it train on from epoch {self.current_epoch}.")
-        self.stop_record = None
+        self.stop_record = self.cooling_since = None
+        self.lr_scheduler.cancel_cool_down()
 
     def run_training(self):
         try:
@@ -161,8 +168,8 @@ class nnUNetTrainerGreen(nnUNetTrainer):
     def _stop_decision(self) -> dict | None:
         if not self.stopping.active:
             return None
-        decision = self.stopping.decide(self.meter.rows(), self.logger.get_value("ema_fg_dice", step=None)) \
-            if self.meter.rows() else None
+        decision = self.stopping.decide(self.meter.rows(), self.logger.get_value("ema_fg_dice", step=None),
+                                        self.cooling_since) if self.meter.rows() else None
         # every DDP rank must leave the loop at the same epoch: rank 0's view decides
         return decision if rank0_decides(decision is not None) else None
 
@@ -278,6 +285,15 @@ class nnUNetTrainerGreen(nnUNetTrainer):
                                   if self._nonfinite_in_epoch else ""))
         super().on_epoch_end()  # checkpoints as usual; increments current_epoch
         decision = self._stop_decision() if self.current_epoch < self.num_epochs else None
+        if decision is not None and decision["reason"] == "plateau" and self.cooling_since is None \
+                and decision["cooldown_epochs"]:
+            self.cooling_since = decision
+            self.lr_scheduler.cool_down(self.current_epoch, decision["cooldown_epochs"])
+            self.print_to_log_file(
+                f"nnunet-green: plateau after epoch {decision['epoch']} (best EMA pseudo-Dice "
+                f"{decision['best_ema_pseudo_dice']:.4f} at epoch {decision['best_epoch']}); annealing the learning "
+                f"rate to near 0 over {decision['cooldown_epochs']} epochs, then stopping")
+            return
         if decision is not None:
             self.stop_record = decision
             self.print_to_log_file(f"nnunet-green: stopping after epoch {decision['epoch']} "

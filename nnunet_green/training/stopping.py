@@ -9,6 +9,11 @@ starts at the first epoch's pseudo-Dice and early epochs often dip below it (a m
 epoch 0, 0.04 at epoch 5, 0.12 at epoch 10), so without a warm-up patience 5 stopped that run at epoch 5, before
 it had learnt anything.
 
+A plateau does not stop training at once: the learning rate is first annealed to near 0 over `cooldown` epochs
+(default: `patience`; see schedule.py), because a run cut off at nnU-Net's half-annealed learning rate loses the Dice
+the end of the schedule adds (measured on Hippocampus without it: -0.013 validation Dice at a 45 % time saving).
+The run then stops with reason "plateau"; `cooldown = 0` stops at the plateau itself.
+
 Budgets are checked ahead: training stops after the epoch once the remaining budget cannot pay for another epoch
 of the mean measured cost, so a budget is not overrun by a whole epoch (nnU-Net's final validation comes on top).
 """
@@ -29,6 +34,7 @@ class StoppingPolicy:
     budget_kwh: float | None = None
     budget_hours: float | None = None
     min_epochs: int = 0               # no plateau stop before this many epochs
+    cooldown: int = 0                 # epochs of learning-rate annealing between a plateau and the stop
 
     @classmethod
     def from_settings(cls, settings, num_epochs: int | None = None) -> "StoppingPolicy":
@@ -36,8 +42,9 @@ class StoppingPolicy:
         min_epochs = settings.min_epochs
         if min_epochs is None:
             min_epochs = (num_epochs or 0) // 10
+        cooldown = settings.cooldown if settings.cooldown is not None else (settings.patience or 0)
         return cls(patience=settings.patience, min_delta=settings.min_delta, budget_kwh=settings.budget_kwh,
-                   budget_hours=settings.budget_hours, min_epochs=min_epochs)
+                   budget_hours=settings.budget_hours, min_epochs=min_epochs, cooldown=cooldown)
 
     @property
     def active(self) -> bool:
@@ -47,7 +54,8 @@ class StoppingPolicy:
         parts = []
         if self.patience is not None:
             parts.append(f"plateau: {self.patience} epochs without an EMA pseudo-Dice gain > {self.min_delta:g}"
-                         + (f", not before epoch {self.min_epochs}" if self.min_epochs else ""))
+                         + (f", not before epoch {self.min_epochs}" if self.min_epochs else "")
+                         + (f", then {self.cooldown} cool-down epochs" if self.cooldown else ""))
         if self.budget_kwh is not None:
             parts.append(f"energy budget {self.budget_kwh:g} kWh")
         if self.budget_hours is not None:
@@ -63,11 +71,14 @@ class StoppingPolicy:
                 f"{env_name('budget_hours')} for a time budget, or set {env_name('cpu_watts')} for a labelled "
                 f"estimate.")
 
-    def decide(self, epochs: list[dict], ema_pseudo_dice: list[float]) -> dict | None:
+    def decide(self, epochs: list[dict], ema_pseudo_dice: list[float],
+               cooling_since: dict | None = None) -> dict | None:
         """The stop record after the last finished epoch, or None to train on.
 
         `epochs`: this run's per-epoch meter rows so far ('epoch', 'epoch_s', 'energy_j'); `ema_pseudo_dice`:
-        nnU-Net's EMA pseudo-Dice of every epoch, index = epoch (its logger's list)."""
+        nnU-Net's EMA pseudo-Dice of every epoch, index = epoch (its logger's list); `cooling_since`: the plateau
+        record that started a cool-down, if one runs. A plateau record with `cooldown_epochs` > 0 and no
+        `cooldown_from` asks the trainer to start the cool-down after this epoch, not to stop."""
         if not epochs:
             return None
         epoch = int(epochs[-1]["epoch"])
@@ -76,12 +87,16 @@ class StoppingPolicy:
         energy_j = None if any(e is None for e in energies) else sum(energies)
         record = {"epoch": epoch, "time_s": time_s, "energy_j": energy_j}
 
-        if self.patience is not None and epoch >= self.min_epochs:
+        if cooling_since is not None:
+            if epoch - cooling_since["epoch"] >= cooling_since["cooldown_epochs"]:
+                return {**cooling_since, **record, "plateau_epoch": cooling_since["epoch"],
+                        "cooldown_from": cooling_since["epoch"] + 1}
+        elif self.patience is not None and epoch >= self.min_epochs:
             best_epoch, best = _best(ema_pseudo_dice, self.min_delta)
             if best_epoch is not None and len(ema_pseudo_dice) - 1 - best_epoch >= self.patience:
                 return {"reason": "plateau", **record, "best_epoch": best_epoch,
                         "best_ema_pseudo_dice": best, "patience": self.patience, "min_delta": self.min_delta,
-                        "min_epochs": self.min_epochs}
+                        "min_epochs": self.min_epochs, "cooldown_epochs": self.cooldown}
         n = len(epochs)
         if self.budget_hours is not None:
             budget_s = self.budget_hours * 3600
