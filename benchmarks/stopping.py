@@ -16,6 +16,9 @@ bit-reproducible.
 
 Default (about an hour on a quiet 2-core CPU, the full run ~35 min of it; `make bench-stopping`):
   python benchmarks/stopping.py -o bench_out/stopping
+Another early-run setting against the same full run (no second full schedule): --full-from a stopping.json of an
+earlier run with the same settings, e.g.
+  python benchmarks/stopping.py --cooldown 3 --full-from bench_out/stopping/stopping.json -o bench_out/stopping_cd3
 Smoke test of the script (a couple of minutes; patience 1 with min_delta 1.0 forces a stop):
   python benchmarks/stopping.py --n-train 6 --n-test 2 --epochs 4 --iters 2 --val-iters 1 --patience 1 \\
       --min-delta 1.0 -o /tmp/stopping_smoke
@@ -90,6 +93,8 @@ def markdown(result: dict) -> str:
              f"nnUNet_green_min_delta={s['min_delta']:g}"
              + ("" if s.get("cooldown") is None else f", nnUNet_green_cooldown={s['cooldown']}")
              + f" (policy: {result['runs'][-1]['policy']}). Cost measure: {c['cost_measure']}.", "",
+             *([f"The full run is reused from `{s['full_from']}` (same settings; measured when that file was written).",
+               ""] if s.get("full_from") else []),
              "| run | stop (last epoch, 0-based) | epochs | training s | energy J (source) | process CPU s | "
              "val Dice | held-out Dice |",
              "|---|---|---|---|---|---|---|---|"]
@@ -113,6 +118,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier_full_run(path: Path, settings: dict, error) -> dict:
+    """The full-schedule run recorded in an earlier stopping.json, refused unless its settings match these."""
+    import json
+
+    try:
+        earlier = json.loads(path.read_text())
+        full = earlier["runs"][0]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        error(f"--full-from {path}: not a stopping.json of this benchmark ({e})")
+    differ = {k: (earlier["settings"].get(k), v) for k, v in settings.items() if earlier["settings"].get(k) != v}
+    if full.get("run") != "full" or differ:
+        error(f"--full-from {path}: its full run does not match these settings (earlier, now): {differ}")
+    if not Path(full["model_folder"]).is_dir():
+        error(f"--full-from {path}: its model folder {full['model_folder']} is gone")
+    return {**full, "reused_from": str(path)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="MSD Task04_Hippocampus folder "
@@ -134,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-proc-da", default="0", help="nnUNet_n_proc_DA (default 0: augmentation in the seeded "
                    "process)")
     p.add_argument("--no-predict", action="store_true", help="skip the held-out prediction")
+    p.add_argument("--full-from", type=Path, default=None, help="stopping.json of an earlier run of this benchmark "
+                   "with the same settings: reuse its full-schedule run instead of training it again")
     p.add_argument("-o", "--output", type=Path, default=REPO / "bench_out" / "stopping")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -153,21 +177,25 @@ def main(argv=None) -> int:
 
     common = dict(trainer=args.trainer, fold=args.fold, seed=args.seed, device=args.device, epochs=args.epochs,
                   iters=args.iters, val_iters=args.val_iters, n_proc_da=args.n_proc_da)
-    runs = [seeded_training_run("full", work, (DATASET_ID, DATASET_NAME), **common),
-            seeded_training_run("early", work, (DATASET_ID, DATASET_NAME), **common,
-                                green_env={"patience": args.patience, "min_delta": args.min_delta,
-                                           **({} if args.cooldown is None else {"cooldown": args.cooldown})})]
+    settings = {"n_train": args.n_train, "n_test": args.n_test, "trainer": args.trainer, "epochs": args.epochs,
+                "iters": args.iters, "val_iters": args.val_iters, "seed": args.seed, "fold": args.fold,
+                "device": args.device, "n_proc_DA": args.n_proc_da}
+    full = earlier_full_run(args.full_from, settings, p.error) if args.full_from else \
+        seeded_training_run("full", work, (DATASET_ID, DATASET_NAME), **common)
+    early_name = "early" if args.cooldown is None else f"early_cooldown{args.cooldown}"
+    runs = [full, seeded_training_run(early_name, work, (DATASET_ID, DATASET_NAME), **common,
+                                      green_env={"patience": args.patience, "min_delta": args.min_delta,
+                                                 **({} if args.cooldown is None else {"cooldown": args.cooldown})})]
     if not args.no_predict and args.n_test > 0:
         for run in runs:
-            held_out_dice(run, images, labels, args.fold, args.device)
+            if "held_out_dice" not in run:
+                held_out_dice(run, images, labels, args.fold, args.device)
     result = {
         "benchmark": "stopping", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
         "machine": machine_info(args.device),
-        "settings": {"n_train": args.n_train, "n_test": args.n_test, "trainer": args.trainer, "epochs": args.epochs,
-                     "iters": args.iters, "val_iters": args.val_iters, "patience": args.patience,
-                     "min_delta": args.min_delta, "cooldown": args.cooldown, "seed": args.seed, "fold": args.fold, "device": args.device,
-                     "n_proc_DA": args.n_proc_da, "data": str(data)},
+        "settings": {**settings, "patience": args.patience, "min_delta": args.min_delta, "cooldown": args.cooldown,
+                     "data": str(data), "full_from": None if args.full_from is None else str(args.full_from)},
         "runs": runs, "comparison": compare(*runs), "elapsed_s": round(time.perf_counter() - start, 1),
     }
     from nnunet_green.evaluation.experiment import write_result

@@ -22,6 +22,7 @@ from nnunet_green.metering import EnergyMeter, EpochMeter
 from nnunet_green.metering.carbon import CarbonSetting
 from nnunet_green.report.cli import main
 from nnunet_green.report.plots import pareto_front
+from nnunet_green.training.stopping import starts_cool_down
 
 BIN = Path(sys.executable).parent
 INTENSITY = 380.0  # g/kWh
@@ -124,7 +125,7 @@ def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, de
             clock.t += seconds
             nvml.counter_mj += (gpu_w or 0.0) * seconds * 1000
 
-        ema, decision, epochs_done = [], None, 0
+        ema, decision, cooling_since, epochs_done = [], None, None, 0
         for e in range(num_epochs if epochs_run is None else epochs_run):
             t = epoch_s * (1.1 if e == 0 else 1.0) + 0.1 * e
             cuda.alloc = mem + e
@@ -138,8 +139,10 @@ def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, de
             ema.append(pseudo if not ema else 0.9 * ema[-1] + 0.1 * pseudo)  # nnU-Net's ema_fg_dice
             epochs_done = e + 1
             if policy is not None and epochs_done < num_epochs:
-                decision = policy.decide(meter.rows(), ema)
-                if decision is not None:
+                decision = policy.decide(meter.rows(), ema, cooling_since)
+                if starts_cool_down(decision):
+                    cooling_since = decision
+                elif decision is not None:
                     break
         # what a real nnU-Net fold folder also holds; the report must ignore it
         (folder / "checkpoint_final.pth").write_bytes(b"\x80\x02not a real checkpoint")
@@ -774,7 +777,8 @@ def stop_tree(tmp_path_factory):
     s = {
         # stops on a plateau of its EMA pseudo-Dice; 25% of the training time waiting for data
         "plateau": write_fold(model_folder(res, "nnUNetTrainerGreenFP32") / "fold_0", "nnUNetTrainerGreenFP32",
-                              "fp32", "sgd", num_epochs=SCHEDULE, policy=StoppingPolicy(patience=3, min_delta=0.03),
+                              "fp32", "sgd", num_epochs=SCHEDULE,
+                              policy=StoppingPolicy(patience=3, min_delta=0.03, cooldown=2),
                               data_wait=0.25, epoch_s=40.0, gpu_w=300.0),
         # light plans, same trainer, no policy: the full schedule
         "light": write_fold(light_folder(res, "nnUNetTrainerGreenFP32") / "fold_0", "nnUNetTrainerGreenFP32", "fp32",
@@ -839,8 +843,9 @@ def test_plateau_stop_shows_reason_epoch_and_extrapolated_savings(stop_tree):
     assert row["energy_saved_j"] == pytest.approx(mean_j * (SCHEDULE - trained))
     assert row["saved_extrapolated"] and "extrapolated" in row["saved_method"]
     stop = stop_cell(stop_tree, "nnUNetTrainerGreenFP32", "Stop")
-    assert stop.startswith(f"plateau after epoch {trained - 1} (best EMA pseudo-Dice {st['best_ema_pseudo_dice']:.4f}"
-                           f" at epoch {st['best_epoch']})")
+    assert st["plateau_epoch"] == trained - 3 and st["cooldown_epochs"] == 2
+    assert stop.startswith(f"plateau after epoch {trained - 3} (best EMA pseudo-Dice {st['best_ema_pseudo_dice']:.4f}"
+                           f" at epoch {st['best_epoch']}); 2 cool-down epochs, stopped after epoch {trained - 1}")
     assert footnote(section(stop_tree["md"], "Stopping and data loading"), stop, "policy: ") == \
         f"policy: {st['policy']}"
     saved = stop_cell(stop_tree, "nnUNetTrainerGreenFP32", "Epochs saved")

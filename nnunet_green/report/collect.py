@@ -458,7 +458,8 @@ def fold_stopping(f: FoldRun) -> dict:
     trained = int(number(f.summary.get("epochs_logged")) or len(f.epochs))
     out = {"fold": f.fold, "reason": None, "epoch": None, "epochs_trained": trained, "epochs_scheduled": scheduled,
            "epochs_saved": None, "time_saved_s": None, "energy_saved_j": None, "method": None, "policy": None,
-           "best_epoch": None, "best_ema_pseudo_dice": None, "budget": None, "inferred": None, "missing": None}
+           "best_epoch": None, "best_ema_pseudo_dice": None, "plateau_epoch": None, "cooldown_epochs": None,
+           "budget": None, "inferred": None, "missing": None}
     if not isinstance(st, dict) or not st.get("reason"):
         if not f.summary:
             out["missing"] = f"no {GREEN_SUMMARY_FILE} (run unfinished?)"
@@ -493,8 +494,11 @@ def fold_stopping(f: FoldRun) -> dict:
             out["missing"] = f"its stopping record in {GREEN_SUMMARY_FILE} has no full_schedule estimate"
         if reason == "plateau":
             best = number(st.get("best_epoch"))
+            plateau, cooldown = number(st.get("plateau_epoch")), number(st.get("cooldown_epochs"))
             out.update(best_epoch=None if best is None else int(best),
-                       best_ema_pseudo_dice=number(st.get("best_ema_pseudo_dice")))
+                       best_ema_pseudo_dice=number(st.get("best_ema_pseudo_dice")),
+                       plateau_epoch=None if plateau is None else int(plateau),
+                       cooldown_epochs=None if cooldown is None else int(cooldown))
         for key, unit in (("budget_kwh", "kWh"), ("budget_hours", "h")):
             if number(st.get(key)) is not None:
                 out["budget"] = f"{number(st[key]):g} {unit}"

@@ -195,16 +195,21 @@ EXTRAPOLATION_NOTE = "estimate, not measured: the epochs not trained at this run
 
 
 def fmt_stop(p: dict) -> str:
-    """'plateau after epoch 41 (best EMA pseudo-Dice 0.8512 at epoch 31)', 'full schedule (100 epochs)'."""
+    """'plateau after epoch 41 (best EMA pseudo-Dice 0.8512 at epoch 31)', 'full schedule (100 epochs)'; after a
+    cool-down: 'plateau after epoch 41 (...); 5 cool-down epochs, stopped after epoch 46'."""
     reason = p["reason"]
     if reason == "schedule_complete":
         n = p["epochs_scheduled"] if p["epochs_scheduled"] is not None else p["epochs_trained"]
         return f"full schedule ({n:.0f} epochs)"
     label = STOP_REASONS.get(reason, reason)
-    text = f"{label} after epoch {p['epoch']}" if p["epoch"] is not None else label
+    cooled = reason == "plateau" and p.get("plateau_epoch") is not None and p.get("cooldown_epochs")
+    at = p["plateau_epoch"] if cooled else p["epoch"]
+    text = f"{label} after epoch {at}" if at is not None else label
     if reason == "plateau" and p["best_epoch"] is not None:
         best = f"{p['best_ema_pseudo_dice']:.4f} " if p["best_ema_pseudo_dice"] is not None else ""
         text += f" (best EMA pseudo-Dice {best}at epoch {p['best_epoch']})"
+    if cooled:
+        text += f"; {p['cooldown_epochs']} cool-down epochs, stopped after epoch {p['epoch']}"
     elif p["budget"]:
         text += f" (budget {p['budget']})"
     return text
@@ -222,7 +227,8 @@ def stopping_table(inputs: Inputs) -> Table | None:
     t = Table("Stopping and data loading", cols, [], [])
     t.remarks.append("Stop: why training ended — an early stop (plateau of nnU-Net's EMA pseudo-Dice, energy or "
                      "time budget; nnUNet_green_patience / _budget_kwh / _budget_hours) after the epoch shown "
-                     "(0-based, as nnU-Net counts), or the full schedule.")
+                     "(0-based, as nnU-Net counts), or the full schedule. A plateau is followed by nnUNet_green_cooldown "
+                     "epochs that anneal the learning rate before the stop.")
     t.remarks.append("Time and energy saved are extrapolated, never measured: the epochs not trained × this run's "
                      "mean measured epoch, as the trainer recorded in green_summary.json (stopping.full_schedule); "
                      "a full schedule saved nothing. Several folds: epochs, time and energy summed.")

@@ -23,7 +23,7 @@ from nnunet_green.metering.distributed import is_node_leader, rank0_decides
 from nnunet_green.training.optimizers import NNUNET_SGD, OptimizerRecipe, optimizer_state_bytes
 from nnunet_green.training.precision import FP32, Precision
 from nnunet_green.training.schedule import CoolDownPolyLR
-from nnunet_green.training.stopping import StoppingPolicy, full_schedule_estimate
+from nnunet_green.training.stopping import StoppingPolicy, full_schedule_estimate, starts_cool_down
 
 # Short runs for tests and demos (nnU-Net's `_Xepochs` classes still run 250 iterations per epoch):
 # trainer attribute -> GreenSettings field.
@@ -285,8 +285,7 @@ class nnUNetTrainerGreen(nnUNetTrainer):
                                   if self._nonfinite_in_epoch else ""))
         super().on_epoch_end()  # checkpoints as usual; increments current_epoch
         decision = self._stop_decision() if self.current_epoch < self.num_epochs else None
-        if decision is not None and decision["reason"] == "plateau" and self.cooling_since is None \
-                and decision["cooldown_epochs"]:
+        if starts_cool_down(decision):
             self.cooling_since = decision
             self.lr_scheduler.cool_down(self.current_epoch, decision["cooldown_epochs"])
             self.print_to_log_file(

@@ -109,6 +109,12 @@ class StoppingPolicy:
         return None
 
 
+def starts_cool_down(decision: dict | None) -> bool:
+    """Whether `decide`'s record is a plateau that asks for the cool-down, rather than a stop."""
+    return (decision is not None and decision["reason"] == "plateau" and decision.get("cooldown_epochs", 0) > 0
+            and "cooldown_from" not in decision)
+
+
 def _best(values: list[float], min_delta: float) -> tuple[int | None, float | None]:
     """Epoch index and value of the last real improvement: a value counts only if it beats the best so far by more
     than `min_delta` (NaN epochs never improve)."""
