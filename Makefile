@@ -64,8 +64,7 @@ bench-calibration: install
 bench-gpu-training: install
 	$(PY) benchmarks/gpu_training.py -o bench_out/gpu_training
 
-# Full schedule vs plateau stop, same seed (docs/benchmarks.md): sized for roughly an hour on a 2-core CPU (an
-# estimate: not yet run at this size).
+# Full schedule vs plateau stop (with its cool-down), same seed (docs/benchmarks.md): 45 min on a quiet 2-core CPU.
 bench-stopping: install
 	$(PY) benchmarks/stopping.py -o bench_out/stopping
 
