@@ -3,10 +3,10 @@
 `sweep` (default): for each rank ratio, compress one dense model folder six ways with nnunet-green's own
 functions - uniform ratio / budgeted ranks at the uniform model's parameter fraction / at its multiply-add fraction,
 each weight-only and calibrated (`--calibrate` on at most --calibration-images unlabelled training images) - and,
-for --distill-ratios, distil the uniform weight-only and calibrated variants with the same budget; for
---finetune-ratios (needs --data or the model's nnU-Net folders), fine-tune both with labels
-(nnUNetTrainerTuckerFinetune through nnUNetv2_train). Every variant is predicted on held-out images by the stock
-predictor and scored by nnunet-green-bench's functions (agreement Dice with the dense model, Dice vs labels).
+for --distill-ratios, distil the weight-only and calibrated variants of --distill-ranks (uniform, budgeted) with the
+same budget; for --finetune-ratios (needs --data or the model's nnU-Net folders), fine-tune the uniform ones with
+labels (nnUNetTrainerTuckerFinetune through nnUNetv2_train). Every variant is predicted on held-out images by the
+stock predictor and scored by nnunet-green-bench's functions (agreement Dice with the dense model, Dice vs labels).
 Writes OUT/calibration.json and .md.
 
 `cost`: calibration + decomposition of the whole TotalSegmentator 1.5 mm architecture (random weights, PlainConvUNet
@@ -91,14 +91,17 @@ def sweep(args) -> int:
             uni[calibrated] = add(f"r{ratio:g}-uniform-{tag}", TuckerConfig(rank_ratio=ratio), calibrated,
                                   {"ratio": ratio, "ranks": "uniform", "budget": None})
         manifest = json.loads((uni[False] / MANIFEST_FILE).read_text())
+        to_distill = list(uni.values()) if "uniform" in args.distill_ranks else []
         for cost in args.budget_costs:
             budget = equal_budget(manifest, cost)
             for calibrated in (False, True):
                 tag = "cal" if calibrated else "w"
-                add(f"r{ratio:g}-budget-{cost}-{tag}", TuckerConfig(budget=budget, budget_cost=cost), calibrated,
-                    {"ratio": ratio, "ranks": f"budgeted ({cost})", "budget": round(budget, 4)})
+                folder = add(f"r{ratio:g}-budget-{cost}-{tag}", TuckerConfig(budget=budget, budget_cost=cost),
+                             calibrated, {"ratio": ratio, "ranks": f"budgeted ({cost})", "budget": round(budget, 4)})
+                if "budgeted" in args.distill_ranks:
+                    to_distill.append(folder)
         if ratio in args.distill_ratios:
-            for calibrated, folder in uni.items():
+            for folder in to_distill:
                 target = models / f"{folder.name}-distilled"
                 if target.exists():
                     shutil.rmtree(target)
@@ -162,13 +165,11 @@ def cost(args) -> int:
     from nnunet_green.evaluation.experiment import write_result
     from nnunet_green.evaluation.machine import machine_info
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from compression_cpu import MODELS, ts_network
+    from nnunet_green.testing.totalseg import ts_1_5mm_network
 
     torch.manual_seed(0)
-    spec = MODELS["ts_1.5mm"]
-    net = ts_network(spec["stages"], spec["num_classes"]).eval()
     shape = (1, 1, *([args.size] * 3))
+    net = ts_1_5mm_network(shape[2:]).eval()
     gen = torch.Generator().manual_seed(0)
     patches = [torch.randn(shape, generator=gen) for _ in range(args.patches)]
     rss0 = peak_rss_mb()
@@ -230,6 +231,8 @@ def main(argv=None) -> int:
     s.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.12, 0.25, 0.5])
     s.add_argument("--budget-costs", nargs="*", choices=("params", "macs"), default=["params", "macs"])
     s.add_argument("--distill-ratios", nargs="*", type=float, default=[0.12])
+    s.add_argument("--distill-ranks", nargs="+", choices=("uniform", "budgeted"), default=["uniform"],
+                   help="which variants of the --distill-ratios to distil (weight-only and calibrated each)")
     s.add_argument("--finetune-ratios", nargs="*", type=float, default=[],
                    help="fine-tune the uniform variants of these ratios with labels (needs --data, or "
                         "nnUNet_raw/preprocessed/results of the model's dataset)")

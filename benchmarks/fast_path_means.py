@@ -21,12 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compression_cpu import MODELS, ts_network  # noqa: E402
-
-from nnunet_green.compression import TuckerConfig, tucker_  # noqa: E402
-from nnunet_green.compression.fast_export import build_artefact, install_artefact_  # noqa: E402
-from nnunet_green.compression.fast_path import ARTEFACT_KEY, eager, fast_class, weights_fingerprint  # noqa: E402
+from nnunet_green.compression import TuckerConfig, tucker_
+from nnunet_green.compression.fast_export import build_artefact, install_artefact_
+from nnunet_green.compression.fast_path import ARTEFACT_KEY, eager, fast_class, weights_fingerprint
+from nnunet_green.testing.totalseg import ts_1_5mm_network
 
 
 class Eager(nn.Module):
@@ -64,10 +62,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    spec = MODELS["ts_1.5mm"]
     shape = (1, 1, args.size, args.size, args.size)
     torch.manual_seed(0)
-    dense = ts_network(spec["stages"], spec["num_classes"])
+    dense = ts_1_5mm_network(shape[2:])
     comp = copy.deepcopy(dense)
     tucker_(comp, TuckerConfig(rank_ratio=args.ratio), n_iter_max=0)
     fast = comp

@@ -4,10 +4,10 @@ On the first --n-train labelled cases of MSD Hippocampus (converted and planned 
 into --work; the next --n-test labelled cases held out), nnU-Net's training entry point (what `nnUNetv2_train`
 runs) trains the same trainer, fold and seed twice: once for the whole schedule, once with
 nnUNet_green_patience / nnUNet_green_min_delta (and nnUNet_green_cooldown: after the plateau the learning rate is
-annealed over that many epochs before the stop; default the patience). For each run it reports nnU-Net's final validation Dice
-(validation/summary.json, via green_summary.json), Dice of `nnUNetv2_predict_from_modelfolder` on the held-out
-labelled cases (unless --no-predict), training time, energy where a counter is readable (else the CPU time of the
-training process tree, labelled as such), the stop epoch and reason, and the saving in %. Pass/fail against issue
+annealed over that many epochs before the stop; default the patience). For each run it reports nnU-Net's final
+validation Dice (validation/summary.json, via green_summary.json), Dice of `nnUNetv2_predict_from_modelfolder` on
+the held-out labelled cases (unless --no-predict), training time, energy where a counter is readable (else the CPU
+time of the training process tree, labelled as such), the stop epoch and reason, and the saving in %. Pass/fail against issue
 #13's target: Dice within 0.01 of the full schedule with >= 40 % less training time and energy (or CPU time).
 
 Seed: random, numpy and torch are seeded in the training process before nnU-Net starts; with nnUNet_n_proc_DA=0

@@ -227,8 +227,8 @@ def stopping_table(inputs: Inputs) -> Table | None:
     t = Table("Stopping and data loading", cols, [], [])
     t.remarks.append("Stop: why training ended — an early stop (plateau of nnU-Net's EMA pseudo-Dice, energy or "
                      "time budget; nnUNet_green_patience / _budget_kwh / _budget_hours) after the epoch shown "
-                     "(0-based, as nnU-Net counts), or the full schedule. A plateau is followed by nnUNet_green_cooldown "
-                     "epochs that anneal the learning rate before the stop.")
+                     "(0-based, as nnU-Net counts), or the full schedule. A plateau is followed by "
+                     "nnUNet_green_cooldown epochs that anneal the learning rate before the stop.")
     t.remarks.append("Time and energy saved are extrapolated, never measured: the epochs not trained × this run's "
                      "mean measured epoch, as the trainer recorded in green_summary.json (stopping.full_schedule); "
                      "a full schedule saved nothing. Several folds: epochs, time and energy summed.")

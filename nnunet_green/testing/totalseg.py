@@ -96,6 +96,13 @@ def build_network(plans: dict, dataset: dict):
     return build(find_trainer(TRAINER), pm, cm, dataset)
 
 
+def ts_1_5mm_network(patch=None):
+    """The TotalSegmentator 1.5 mm organs network (Dataset291 plans; `patch` overrides its 128^3), random weights,
+    as the stock predictor builds it."""
+    spec = {**DATASET291, **({} if patch is None else {"patch": tuple(patch)})}
+    return build_network(ts_old_format_plans(**spec), ts_organs_dataset_json())
+
+
 def write_model_folder(root: str | Path, plans: dict, dataset: dict, network_weights: dict,
                        task_folder: str = TASK_FOLDER) -> Path:
     """`root/<task_folder>/<MODEL_FOLDER>/` with plans.json, dataset.json and fold_0/checkpoint_final.pth in
