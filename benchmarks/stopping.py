@@ -7,14 +7,15 @@ nnUNet_green_patience / nnUNet_green_min_delta (and nnUNet_green_cooldown: after
 annealed over that many epochs before the stop; default the patience). For each run it reports nnU-Net's final
 validation Dice (validation/summary.json, via green_summary.json), Dice of `nnUNetv2_predict_from_modelfolder` on
 the held-out labelled cases (unless --no-predict), training time, energy where a counter is readable (else the CPU
-time of the training process tree, labelled as such), the stop epoch and reason, and the saving in %. Pass/fail against issue
-#13's target: Dice within 0.01 of the full schedule with >= 40 % less training time and energy (or CPU time).
+time of the training process tree, labelled as such), the stop epoch and reason, and the saving in %. Pass/fail
+against issue #13's target: Dice within 0.01 of the full schedule with >= 40 % less training time and energy (or
+CPU time).
 
 Seed: random, numpy and torch are seeded in the training process before nnU-Net starts; with nnUNet_n_proc_DA=0
 (the default here) augmentation runs in that process too. nnU-Net turns cudnn.benchmark on, so GPU runs are not
 bit-reproducible.
 
-Default (about an hour on a quiet 2-core CPU, the full run ~35 min of it; `make bench-stopping`):
+Default (45 min on a quiet 2-core CPU, the full run 27 min of it; `make bench-stopping`):
   python benchmarks/stopping.py -o bench_out/stopping
 Another early-run setting against the same full run (no second full schedule): --full-from a stopping.json of an
 earlier run with the same settings, e.g.
@@ -93,17 +94,17 @@ def markdown(result: dict) -> str:
              f"nnUNet_green_min_delta={s['min_delta']:g}"
              + ("" if s.get("cooldown") is None else f", nnUNet_green_cooldown={s['cooldown']}")
              + f" (policy: {result['runs'][-1]['policy']}). Cost measure: {c['cost_measure']}.", "",
-             *([f"The full run is reused from `{s['full_from']}` (same settings; measured when that file was written).",
-               ""] if s.get("full_from") else []),
+             *([f"The full run is reused from `{s['full_from']}` (same settings; measured when that file was "
+                f"written).", ""] if s.get("full_from") else []),
              "| run | stop (last epoch, 0-based) | epochs | training s | energy J (source) | process CPU s | "
              "val Dice | held-out Dice |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         plateau = "" if r.get("plateau_epoch") is None else f", plateau after epoch {r['plateau_epoch']}"
-        lines.append(f"| {r['run']} | {r['stop_reason']} (epoch {r['stop_epoch']}{plateau}) | {r['epochs_trained']}/"
-                     f"{r['epochs_scheduled']} | {_f(r['train_time_s'])} | {_f(r['energy_j'], '.0f')} "
-                     f"({r['energy_source']}) | {_f(r['process_cpu_s'])} | {_f(r['validation_dice'], '.4f')} | "
-                     f"{_f(r.get('held_out_dice'), '.4f')} |")
+        lines.append(f"| {r['run']} | {r['stop_reason']} (epoch {r['stop_epoch']}{plateau}) | "
+                     f"{r['epochs_trained']}/{r['epochs_scheduled']} | {_f(r['train_time_s'])} | "
+                     f"{_f(r['energy_j'], '.0f')} ({r['energy_source']}) | {_f(r['process_cpu_s'])} | "
+                     f"{_f(r['validation_dice'], '.4f')} | {_f(r.get('held_out_dice'), '.4f')} |")
     sv = c["savings"]
     pct = {k: None if v is None else 100 * v for k, v in sv.items()}
     lines += ["", "Training s: the epochs (nnU-Net's loop); energy: the epochs plus nnU-Net's final validation "
@@ -124,10 +125,10 @@ def earlier_full_run(path: Path, settings: dict, error) -> dict:
 
     try:
         earlier = json.loads(path.read_text())
-        full = earlier["runs"][0]
-    except (OSError, ValueError, KeyError, IndexError) as e:
+        full, recorded = earlier["runs"][0], earlier["settings"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         error(f"--full-from {path}: not a stopping.json of this benchmark ({e})")
-    differ = {k: (earlier["settings"].get(k), v) for k, v in settings.items() if earlier["settings"].get(k) != v}
+    differ = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
     if full.get("run") != "full" or differ:
         error(f"--full-from {path}: its full run does not match these settings (earlier, now): {differ}")
     if not Path(full["model_folder"]).is_dir():

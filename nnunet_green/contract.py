@@ -160,7 +160,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("nnUNet_green_min_epochs", _non_negative_int, None,
            "epochs before a plateau may stop training (unset: a tenth of the schedule; budgets always apply)"),
     EnvVar("nnUNet_green_cooldown", _non_negative_int, None,
-           "epochs that anneal the learning rate to near 0 after a plateau, before the stop (unset: the patience)"),
+           "epochs that anneal the learning rate towards 0 after a plateau, before the stop (unset: the patience)"),
     EnvVar("nnUNet_green_budget_kwh", _positive_float, None,
            "stop before the measured energy would exceed this (refused at start without an energy measurement)"),
     EnvVar("nnUNet_green_budget_hours", _positive_float, None, "stop before the training time would exceed this"),

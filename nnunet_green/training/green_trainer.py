@@ -291,7 +291,7 @@ class nnUNetTrainerGreen(nnUNetTrainer):
             self.print_to_log_file(
                 f"nnunet-green: plateau after epoch {decision['epoch']} (best EMA pseudo-Dice "
                 f"{decision['best_ema_pseudo_dice']:.4f} at epoch {decision['best_epoch']}); annealing the learning "
-                f"rate to near 0 over {decision['cooldown_epochs']} epochs, then stopping")
+                f"rate towards 0 over {decision['cooldown_epochs']} epochs, then stopping")
             return
         if decision is not None:
             self.stop_record = decision

@@ -9,7 +9,7 @@ starts at the first epoch's pseudo-Dice and early epochs often dip below it (a m
 epoch 0, 0.04 at epoch 5, 0.12 at epoch 10), so without a warm-up patience 5 stopped that run at epoch 5, before
 it had learnt anything.
 
-A plateau does not stop training at once: the learning rate is first annealed to near 0 over `cooldown` epochs
+A plateau does not stop training at once: the learning rate is first annealed towards 0 over `cooldown` epochs
 (default: `patience`; see schedule.py), because a run cut off at nnU-Net's half-annealed learning rate loses the Dice
 the end of the schedule adds (measured on Hippocampus without it: -0.013 validation Dice at a 45 % time saving).
 The run then stops with reason "plateau"; `cooldown = 0` stops at the plateau itself.
