@@ -8,7 +8,7 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nnunet_green.metering.distributed import is_node_leader, is_writer, node_energy_sum, rank0_decides
+from nnunet_green.metering.distributed import from_rank0, is_node_leader, is_writer, node_energy_sum
 
 # (local rank, GPU joules, CPU joules) of rank 0 and rank 1, and the total every rank must get
 SCENARIOS = [
@@ -37,8 +37,10 @@ def _worker(rank, world, port, results):
             leader = local == 0
             # what a rank's meter reads: node leaders their node's counters, the others nothing
             totals.append(node_energy_sum(gpu_j if leader else None, cpu_j if leader else None, leader))
-        # a stop decision: rank 0's view wins on every rank, so all leave the training loop at the same epoch
-        decided = (rank0_decides(rank == 0), rank0_decides(rank == 1))
+        # a stop decision: rank 0's record wins on every rank, so all leave the training loop at the same epoch
+        # with the same record, whatever their own budget says
+        mine = {"reason": "time_budget", "epoch": 7, "rank": rank}
+        decided = (from_rank0(mine if rank == 0 else None), from_rank0(mine if rank == 1 else None))
         results[rank] = (totals, is_writer(), decided)
     finally:
         dist.destroy_process_group()
@@ -53,7 +55,7 @@ def test_node_energy_is_counted_once_per_node_and_summed_over_nodes():
         totals, writer, decided = results[rank]
         assert totals == [expected for _, expected in SCENARIOS]
         assert writer == (rank == 0)  # files are written once per job
-        assert decided == (True, False)
+        assert decided == ({"reason": "time_budget", "epoch": 7, "rank": 0}, None)
 
 
 def test_single_process_is_unchanged():

@@ -54,12 +54,12 @@ def node_energy_sum(gpu_j: float | None, cpu_j: float | None,
     return (gpu_sum if 0 < gpu_nodes == nodes else None, cpu_sum if 0 < cpu_nodes == nodes else None)
 
 
-def rank0_decides(flag: bool) -> bool:
-    """Rank 0's `flag` on every rank (a collective), so that all ranks leave a loop at the same epoch."""
+def from_rank0(value):
+    """Rank 0's `value` (anything picklable) on every rank (a collective). A stop decision goes through this whole,
+    so that all ranks leave the training loop at the same epoch with the same record, whatever their own view (a
+    time or energy budget is measured per rank)."""
     if _group_size() == 1:
-        return flag
-    dist = torch.distributed
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

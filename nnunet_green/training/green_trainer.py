@@ -19,7 +19,7 @@ from torch import GradScaler
 
 from nnunet_green.contract import ENERGY_UNAVAILABLE, GreenSettings, env_name
 from nnunet_green.metering import EpochMeter
-from nnunet_green.metering.distributed import is_node_leader, rank0_decides
+from nnunet_green.metering.distributed import from_rank0, is_node_leader
 from nnunet_green.training.optimizers import NNUNET_SGD, OptimizerRecipe, optimizer_state_bytes
 from nnunet_green.training.precision import FP32, Precision
 from nnunet_green.training.schedule import CoolDownPolyLR
@@ -170,8 +170,7 @@ class nnUNetTrainerGreen(nnUNetTrainer):
             return None
         decision = self.stopping.decide(self.meter.rows(), self.logger.get_value("ema_fg_dice", step=None),
                                         self.cooling_since) if self.meter.rows() else None
-        # every DDP rank must leave the loop at the same epoch: rank 0's view decides
-        return decision if rank0_decides(decision is not None) else None
+        return from_rank0(decision)  # every DDP rank leaves the loop at the same epoch, with rank 0's record
 
     def _new_meter(self) -> EpochMeter:
         return EpochMeter(self.output_folder, self.device, is_node_leader=is_node_leader(self.local_rank),
