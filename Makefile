@@ -51,12 +51,13 @@ bench-recovery: install
 	    --distill-steps 300 --distill-minutes 10 -o bench_out
 
 # Data-aware (calibrated) vs weight-only decomposition (docs/results/calibration.md): the Hippocampus sweep
-# (uniform / budgeted params / budgeted MACs, each weight-only and calibrated; distillation at 0.12) on the dense model
-# of bench-recovery's work folder (trained first if absent), then the calibration cost on the TS-1.5mm architecture.
+# (uniform / budgeted params / budgeted MACs, each weight-only, calibrated and calibrated + sequential refit;
+# distillation at 0.12) on the dense model of bench-recovery's work folder (trained first if absent), then the
+# calibration cost on the TS-1.5mm architecture.
 bench-calibration: install
 	$(PY) benchmarks/calibration.py sweep --data $(NNUNET_GREEN_DATA)/Task04_Hippocampus --n-train 60 --n-test 20 \
 	    --epochs 12 --iters 75 --ratios 0.05 0.12 0.25 0.5 --distill-ratios 0.12 --finetune-ratios 0.12 \
-	    --steps 300 -o bench_out
+	    --sequential --steps 300 -o bench_out
 	$(PY) benchmarks/calibration.py cost --patches 8 --size 128 -o bench_out
 
 # Green trainers on one GPU (docs/benchmarks.md): 6 trainers x 2 epochs x 25 iterations on Hippocampus + the loader

@@ -2,10 +2,11 @@
 
 `sweep` (default): for each rank ratio, compress one dense model folder six ways with nnunet-green's own
 functions - uniform ratio / budgeted ranks at the uniform model's parameter fraction / at its multiply-add fraction,
-each weight-only and calibrated (`--calibrate` on at most --calibration-images unlabelled training images) - and,
-for --distill-ratios, distil the weight-only and calibrated variants of --distill-ranks (uniform, budgeted) with the
-same budget; for --finetune-ratios (needs --data or the model's nnU-Net folders), fine-tune the uniform ones with
-labels (nnUNetTrainerTuckerFinetune through nnUNetv2_train). Every variant is predicted on held-out images by the
+each weight-only and calibrated (`--calibrate` on at most --calibration-images unlabelled training images; with
+--sequential also calibrated then refitted sequentially, `--calibration-sequential`) - and, for --distill-ratios,
+distil every decomposition of --distill-ranks (uniform, budgeted) with the same budget; for --finetune-ratios
+(needs --data or the model's nnU-Net folders), fine-tune the uniform ones with labels (nnUNetTrainerTuckerFinetune
+through nnUNetv2_train). Every variant is predicted on held-out images by the
 stock predictor and scored by nnunet-green-bench's functions (agreement Dice with the dense model, Dice vs labels).
 Writes OUT/calibration.json and .md.
 
@@ -68,36 +69,39 @@ def sweep(args) -> int:
     models.mkdir(parents=True, exist_ok=True)
     cal_dir = calibration_images(Path(train_images), models / "calibration_images", args.calibration_images)
     calibrate = {"images": cal_dir, "patches": args.calibration_patches}
+    # decompositions by tag: weight-only, calibrated, calibrated then refitted sequentially
+    decompositions = {"w": False, "cal": calibrate, **({"seq": {**calibrate, "sequential": True}}
+                                                        if args.sequential else {})}
 
     variants = []  # (folder, row)
 
-    def add(name: str, config, calibrated: bool, meta: dict) -> Path:
+    def add(name: str, config, tag: str, meta: dict) -> Path:
         folder = models / name
         t0 = time.perf_counter()
         compress_model_folder(dense, folder, config, folds=[args.fold], overwrite=True, speed_check=False,
-                              calibrate=calibrate if calibrated else False)  # accuracy study: no timing
+                              calibrate=decompositions[tag])  # accuracy study: no timing
         m = json.loads((folder / MANIFEST_FILE).read_text())
-        row = {**meta, "decomposition": m["decomposition"], "recovery": "zero-shot",
-               "compress_s": round(time.perf_counter() - t0, 1), "rank_rule": m["rank_rule"],
-               "calibration_s": (m.get("calibration") or {}).get("statistics_s")}
+        cal = m.get("calibration") or {}
+        row = {**meta, "decomposition": m["decomposition"] + (", sequential" if cal.get("sequential") else ""),
+               "recovery": "zero-shot", "compress_s": round(time.perf_counter() - t0, 1), "rank_rule": m["rank_rule"],
+               "calibration_s": None if not cal else round(cal["statistics_s"] + cal.get("sequential_refit", {}).get(
+                   "seconds", 0), 1)}
         variants.append((folder, row))
         print(f"+ {name}: {row['compress_s']} s", file=sys.stderr, flush=True)
         return folder
 
     for ratio in args.ratios:
         uni = {}
-        for calibrated in (False, True):
-            tag = "cal" if calibrated else "w"
-            uni[calibrated] = add(f"r{ratio:g}-uniform-{tag}", TuckerConfig(rank_ratio=ratio), calibrated,
-                                  {"ratio": ratio, "ranks": "uniform", "budget": None})
-        manifest = json.loads((uni[False] / MANIFEST_FILE).read_text())
+        for tag in decompositions:
+            uni[tag] = add(f"r{ratio:g}-uniform-{tag}", TuckerConfig(rank_ratio=ratio), tag,
+                           {"ratio": ratio, "ranks": "uniform", "budget": None})
+        manifest = json.loads((uni["w"] / MANIFEST_FILE).read_text())
         to_distill = list(uni.values()) if "uniform" in args.distill_ranks else []
         for cost in args.budget_costs:
             budget = equal_budget(manifest, cost)
-            for calibrated in (False, True):
-                tag = "cal" if calibrated else "w"
+            for tag in decompositions:
                 folder = add(f"r{ratio:g}-budget-{cost}-{tag}", TuckerConfig(budget=budget, budget_cost=cost),
-                             calibrated, {"ratio": ratio, "ranks": f"budgeted ({cost})", "budget": round(budget, 4)})
+                             tag, {"ratio": ratio, "ranks": f"budgeted ({cost})", "budget": round(budget, 4)})
                 if "budgeted" in args.distill_ranks:
                     to_distill.append(folder)
         if ratio in args.distill_ratios:
@@ -182,8 +186,15 @@ def cost(args) -> int:
     t_stats = time.perf_counter() - t0
     rss_stats = peak_rss_mb()
     t0 = time.perf_counter()
-    records = tucker_(copy.deepcopy(net), TuckerConfig(rank_ratio=0.12), calibration=stats)
+    compressed = copy.deepcopy(net)
+    records = tucker_(compressed, TuckerConfig(rank_ratio=0.12), calibration=stats)
     t_dec = time.perf_counter() - t0
+    refit = None
+    if args.sequential:
+        from nnunet_green.compression.sequential import refine_sequentially_
+
+        refit = refine_sequentially_(compressed, net, patches, stats, progress=True)
+    del compressed
     t0 = time.perf_counter()
     tucker_(copy.deepcopy(net), TuckerConfig(rank_ratio=0.12))
     t_weight = time.perf_counter() - t0
@@ -196,7 +207,10 @@ def cost(args) -> int:
               "weight_only_decomposition_s": round(t_weight, 2),
               "calibration_total_s": round(t_stats + t_dec, 2),
               "peak_rss_mb_before": round(rss0, 1), "peak_rss_mb_after_statistics": round(rss_stats, 1),
-              "layers_calibrated": sum(1 for r in records if r.decomposition == "calibrated")}
+              "layers_calibrated": sum(1 for r in records if r.decomposition == "calibrated"),
+              **({} if refit is None else {"sequential_refit_s": refit["seconds"],
+                                           "sequential_layers_refitted": refit["layers"],
+                                           "peak_rss_mb_after_sequential": round(peak_rss_mb(), 1)})}
     md = ["# Calibration cost, TotalSegmentator 1.5 mm architecture", "", f"Command: `{result['command']}`  ",
           f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} CPUs, torch threads "
           f"{result['torch_threads']}.", "",
@@ -208,6 +222,10 @@ def cost(args) -> int:
           f"| {result['calibrated_decomposition_s']} | {result['weight_only_decomposition_s']} "
           f"| {result['calibration_total_s']} | {result['peak_rss_mb_before']} / "
           f"{result['peak_rss_mb_after_statistics']} |"]
+    if refit is not None:
+        md += ["", f"Sequential refit (`--calibration-sequential`): {refit['layers']} layers in {refit['seconds']} s "
+                   f"({refit['seconds'] / args.patches:.1f} s per patch); peak RSS "
+                   f"{result['peak_rss_mb_after_sequential']} MB."]
     write_result(args.output.absolute(), "calibration_cost", result, "\n".join(md) + "\n")
     return 0
 
@@ -228,6 +246,8 @@ def main(argv=None) -> int:
     s.add_argument("--train-images", type=Path, help="unlabelled training images (with --model)")
     s.add_argument("--calibration-images", type=int, default=32, help="at most this many training images")
     s.add_argument("--calibration-patches", type=int, default=32)
+    s.add_argument("--sequential", action="store_true",
+                   help="also compress each calibrated variant with the sequential refit (--calibration-sequential)")
     s.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.12, 0.25, 0.5])
     s.add_argument("--budget-costs", nargs="*", choices=("params", "macs"), default=["params", "macs"])
     s.add_argument("--distill-ratios", nargs="*", type=float, default=[0.12])
@@ -246,6 +266,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("cost", help="calibration time and memory on the TS-1.5mm architecture")
     c.add_argument("--patches", type=int, default=8)
     c.add_argument("--size", type=int, default=128)
+    c.add_argument("--sequential", action="store_true", help="also time the sequential refit")
     c.add_argument("-o", "--output", type=Path, default=REPO / "bench_out")
     args = p.parse_args(argv)
     if args.mode == "sweep" and args.data is None and None in (args.model, args.images, args.labels,

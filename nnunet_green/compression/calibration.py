@@ -80,6 +80,61 @@ class Moments:
 
 
 @dataclass
+class CrossMoments:
+    """Streamed cross statistics of two tensors of one shape seen on the same inputs (a layer's dense input x and
+    the input u the compressed network gives it instead): sum of x u^T, the sums of each, the within-instance cross
+    scatter and the voxel count."""
+    second: torch.Tensor
+    first_x: torch.Tensor
+    first_u: torch.Tensor
+    within: torch.Tensor
+    voxels: int = 0
+
+    @classmethod
+    def zeros(cls, channels: int) -> "CrossMoments":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        return cls(z(channels, channels), z(channels), z(channels), z(channels, channels))
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, u: torch.Tensor) -> bool:
+        """Add a pair of (N, C, *spatial) batches; False if either held non-finite values (nothing added then)."""
+        n, c = x.shape[:2]
+        xs, us = x.detach().reshape(n, c, -1).float(), u.detach().reshape(n, c, -1).float()
+        for xi, ui in zip(xs, us):
+            sx, su = xi.sum(1).double(), ui.sum(1).double()
+            if not (torch.isfinite(sx).all() and torch.isfinite(su).all()):
+                return False
+            g = (xi @ ui.T).double()
+            self.second += g
+            self.first_x += sx
+            self.first_u += su
+            self.within += g - torch.outer(sx, su) / xi.shape[1]
+            self.voxels += xi.shape[1]
+        return True
+
+    def covariance(self, per_instance: bool) -> torch.Tensor:
+        """Centred cross covariance E[x u^T] per voxel, within each instance or about the global means."""
+        cov = self.within if per_instance else self.second - torch.outer(self.first_x, self.first_u) / max(
+            self.voxels, 1)
+        return cov / max(self.voxels, 1)
+
+
+@dataclass
+class InputDrift:
+    """What a layer gets from the already compressed layers before it instead of its dense input (sequential
+    calibration): the moments of that input and its cross moments with the dense input, on the same patches."""
+    inputs: Moments
+    cross: CrossMoments
+
+    @classmethod
+    def zeros(cls, channels: int) -> "InputDrift":
+        return cls(Moments.zeros(channels), CrossMoments.zeros(channels))
+
+    def add(self, dense_input: torch.Tensor, compressed_input: torch.Tensor) -> bool:
+        return self.inputs.add(compressed_input) and self.cross.add(dense_input, compressed_input)
+
+
+@dataclass
 class LayerStatistics:
     inputs: Moments
     outputs: Moments

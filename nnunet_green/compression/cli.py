@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calibration-patches", type=int, metavar="N",
                      help=f"patches (plans' patch size, one per image in turn) for --calibrate "
                           f"(default {DEFAULT_CALIBRATION_PATCHES})")
+    cal.add_argument("--calibration-sequential", action="store_true",
+                     help="then refit each layer, in the order the network runs them, on the inputs the already "
+                          "compressed layers give it, so errors do not add up through the network (costs about "
+                          "one forward of both networks per patch and layer; docs/compression.md)")
     cal.add_argument("--weight-only", action="store_true",
                      help="decompose the weights alone even with --distill (the behaviour without images)")
     rec = p.add_argument_group("label-free recovery (optional; see nnunet-green-distill for all settings)")
@@ -149,6 +153,9 @@ def settings_from_args(args: argparse.Namespace):
     if "calibration_patches" in given and ("calibrate" not in given and "distill" not in given
                                            or given.get("weight_only")):
         raise GreenError("--calibration-patches needs --calibrate IMAGES_DIR (or --distill IMAGES_DIR)")
+    if "calibration_sequential" in given and ("calibrate" not in given and "distill" not in given
+                                              or given.get("weight_only")):
+        raise GreenError("--calibration-sequential needs --calibrate IMAGES_DIR (or --distill IMAGES_DIR)")
     try:
         config = TuckerConfig(**{field: given[opt] for opt, field in CONFIG_FIELDS.items() if opt in given})
     except (TypeError, ValueError) as e:
@@ -158,9 +165,10 @@ def settings_from_args(args: argparse.Namespace):
     kwargs["progress"] = not args.quiet
     if given.get("weight_only"):
         kwargs["calibrate"] = False
-    elif "calibrate" in given or "calibration_patches" in given:  # with --distill alone: its images
+    elif {"calibrate", "calibration_patches", "calibration_sequential"} & set(given):  # --distill alone: its images
         kwargs["calibrate"] = {"images": given.get("calibrate", given.get("distill")),
-                               **({"patches": given["calibration_patches"]} if "calibration_patches" in given else {})}
+                               **({"patches": given["calibration_patches"]} if "calibration_patches" in given else {}),
+                               **({"sequential": True} if "calibration_sequential" in given else {})}
     if "distill" in given:
         kwargs["distill"] = {"images": given["distill"], "progress": not args.quiet,
                              **({"device": given["device"]} if "device" in given else {}),
@@ -200,7 +208,8 @@ def main(argv=None) -> int:
                 print(f"{PROG}: warning: {timing['warning']}", file=sys.stderr)
         cal = m.get("calibration")
         if cal:
-            print(f"  data-aware decomposition: {cal['patches']} calibration patches of {cal['images']} images")
+            print(f"  data-aware decomposition: {cal['patches']} calibration patches of {cal['images']} images"
+                  + (", layers refitted sequentially" if cal.get("sequential") else ""))
         else:
             print("  weight-only decomposition (no calibration images)")
         fast = m.get("fast_path")

@@ -10,7 +10,11 @@ y_hat = A sum_o G_o B x_o + c with B (r_in x C_in, `first`), G_o (r_out x r_in, 
   linear regression Q = S B^T (B S B^T)^-1;
 - output mode: PCA of the D-weighted output covariance: U = leading eigenvectors of D S_y D, A = D^-1 U,
   G_o = U^T D W_o Q;
-- bias: the channel means the two projections discard go back into the bias, so the output mean is kept.
+- bias: the channel means the two projections discard go back into the bias, so the output mean is kept;
+- sequential calibration (`drift`): the layer sees the input u that the already compressed layers before it produce
+  instead of x; the dense weight is replaced by the ridge regression of the dense response on u,
+  W~_o = W_o (C_xu + lam I) (S_u + lam I)^-1 (lam: SEQUENTIAL_CALIBRATION_RIDGE times S_u's mean eigenvalue), and
+  the factors are fitted to W~ on u's covariance.
 
 Full rank is exact (B square and invertible, U orthogonal). Everything runs in float64 on C x C matrices.
 """
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import LayerStatistics
+from nnunet_green.contract import DEFAULT_CALIBRATION_RIDGE, SEQUENTIAL_CALIBRATION_RIDGE
+
+from .calibration import InputDrift, LayerStatistics, Moments
 from .cost import TRANSPOSED_CONVS
 
 
@@ -73,25 +79,25 @@ def _sym_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return e.flip(0).clamp_min(0), v.flip(1)
 
 
-def input_covariance(stats: LayerStatistics, ridge: float) -> tuple[torch.Tensor, bool]:
-    """(regularised input covariance, was it rank-deficient). Per-instance centred when a norm follows (it removes
-    each instance's means), else about the global mean; ridge * mean eigenvalue added on the diagonal."""
-    s = stats.inputs.covariance(per_instance=stats.norm is not None)
+def input_covariance(inputs: Moments, per_instance: bool, ridge: float) -> tuple[torch.Tensor, bool, float]:
+    """(regularised input covariance, was it rank-deficient, the amount lam added on the diagonal). Per-instance
+    centred when a norm follows (it removes each instance's means), else about the global mean; lam = ridge * mean
+    eigenvalue."""
+    s = inputs.covariance(per_instance=per_instance)
     c = s.shape[0]
-    e = torch.linalg.eigvalsh(s)
+    e, v = torch.linalg.eigh(s)
     # floor: an (almost) constant input has a zero covariance up to rounding; any basis is then as good
-    floor = 1e-12 * float(stats.inputs.second.diagonal().sum()) / max(stats.inputs.voxels * c, 1) + 1e-30
-    scale = max(float(e.clamp_min(0).mean()), floor)
-    deficient = bool((e < ridge * scale).any()) or stats.inputs.voxels < c
+    floor = 1e-12 * float(inputs.second.diagonal().sum()) / max(inputs.voxels * c, 1) + 1e-30
+    lam = ridge * max(float(e.clamp_min(0).mean()), floor)
+    deficient = bool((e < lam).any()) or inputs.voxels < c
     # eigenvalues below the ridge (rounding can make them slightly negative) are lifted to it
-    e_all, v = torch.linalg.eigh(s)
-    return (v * e_all.clamp_min(0).add(ridge * scale)) @ v.T, deficient
+    return (v * e.clamp_min(0).add(lam)) @ v.T, deficient, lam
 
 
 def spectra(conv: nn.Module, stats: LayerStatistics, ridge: float) -> LayerSpectra:
     wo = offset_matrices(conv.weight, isinstance(conv, TRANSPOSED_CONVS))
     d = output_weights(stats)
-    s, deficient = input_covariance(stats, ridge)
+    s, deficient, _ = input_covariance(stats.inputs, stats.norm is not None, ridge)
     m = torch.einsum("koi,o,koj->ij", wo, d * d, wo)
     es, vs = _sym_eigh(s)
     sqrt_s = (vs * es.sqrt()) @ vs.T
@@ -102,14 +108,26 @@ def spectra(conv: nn.Module, stats: LayerStatistics, ridge: float) -> LayerSpect
 
 
 def calibrated_factors(conv: nn.Module, rank_in: int, rank_out: int, stats: LayerStatistics,
-                       ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+                       ridge: float = DEFAULT_CALIBRATION_RIDGE, drift: InputDrift | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """(first (r_in, C_in), core weight, last (C_out, r_out), bias (C_out), info) for TuckerConv.set_factors, in the
-    conv's dtype. `info`: estimated relative output error, whether the input covariance was regularised."""
+    conv's dtype. `stats`: the DENSE network's statistics of this conv (`ridge` regularises their input
+    covariance); `drift`: what the partly compressed network feeds the conv instead (sequential calibration, with
+    its own ridge SEQUENTIAL_CALIBRATION_RIDGE). `info`: estimated relative output error, whether the input
+    covariance was regularised."""
     transposed = isinstance(conv, TRANSPOSED_CONVS)
-    wo = offset_matrices(conv.weight, transposed)          # (K, C_out, C_in)
-    k, c_out, c_in = wo.shape
+    dense_wo = offset_matrices(conv.weight, transposed)    # (K, C_out, C_in)
     d = output_weights(stats)
-    s, deficient = input_covariance(stats, ridge)
+    per_instance = stats.norm is not None
+    if drift is None:
+        wo, mu = dense_wo, stats.inputs.mean
+        s, deficient, _ = input_covariance(stats.inputs, per_instance, ridge)
+    else:  # ridge regression of the dense response W x on the input u the layer now gets, shrunk towards W:
+        # W (C_xu + lam I) (S_u + lam I)^-1, written as W + W (C_xu - S_u) (S_u + lam I)^-1 so that u = x gives W
+        # exactly (the regularised S_u also lifts S_u's rounding-negative eigenvalues)
+        s, deficient, _ = input_covariance(drift.inputs, per_instance, SEQUENTIAL_CALIBRATION_RIDGE)
+        shift = drift.cross.covariance(per_instance) - drift.inputs.covariance(per_instance)
+        wo, mu = dense_wo + dense_wo @ torch.linalg.solve(s, shift.T).T, drift.inputs.mean
 
     # input mode: minimise sum_o E||D W_o (x - Q B x)||^2 = ||M^(1/2) (I - QB) S^(1/2)||_F^2
     m = torch.einsum("koi,o,koj->ij", wo, d * d, wo)
@@ -132,11 +150,10 @@ def calibrated_factors(conv: nn.Module, rank_in: int, rank_out: int, stats: Laye
     # bias: keep the output mean. A conv output voxel sums all offsets; a transposed conv's output voxel gets
     # K / prod(stride) of them, on average the fraction 1 / prod(stride) of the sum.
     per_voxel = 1.0 / math.prod(conv.stride) if transposed else 1.0
-    mu = stats.inputs.mean
     kept = a @ (g.sum(0) @ (b @ mu))
     bias = None  # without a bias there is nowhere to put the mean (the factors alone are still data-aware)
-    if conv.bias is not None:
-        bias = conv.bias.detach().double() + per_voxel * (wo.sum(0) @ mu - kept)
+    if conv.bias is not None:  # the dense layer's mean response, from the factorized layer's input mean
+        bias = conv.bias.detach().double() + per_voxel * (dense_wo.sum(0) @ stats.inputs.mean - kept)
 
     if transposed:  # core weight (r_in, r_out, *k)
         core = g.permute(2, 1, 0).reshape(rank_in, rank_out, *conv.kernel_size)

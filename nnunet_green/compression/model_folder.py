@@ -63,9 +63,11 @@ def compress_model_folder(src, dst, config=None, folds=None, checkpoint: str = D
     `dst/compression.json`). `config` is a `TuckerConfig` (default: TuckerConfig()). Nothing is written to `src`;
     `dst` appears only when everything succeeded. `distill`: keyword arguments of `distill_model_folder` (at least
     `images`) to recover accuracy before the folder is published. `calibrate`: {"images": folder, "patches": N,
-    "seed": 0} for a data-aware decomposition on those (unlabelled) images; None = the distillation images if
-    `distill` is given, else weight-only; False = weight-only. `fast_path`: store the fast CPU inference artefact
-    in the checkpoints (fast_folder.py); `speed_check`: time dense vs compressed at the patch size."""
+    "seed": 0, "sequential": False} for a data-aware decomposition on those (unlabelled) images ("sequential": True
+    then refits the layers in execution order on the compressed network's own inputs,
+    `sequential.refine_sequentially_`); None = the distillation images if `distill` is given, else weight-only;
+    False = weight-only. `fast_path`: store the fast CPU inference artefact in the checkpoints (fast_folder.py);
+    `speed_check`: time dense vs compressed at the patch size."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     _check_src_dst(src, dst, overwrite)
     ModelFolder(src).check()
@@ -258,7 +260,7 @@ def calibration_patches(source: Source, calibrate: dict, progress: bool = False)
                                                 calibrate.get("seed", 0))
     except CalibrationError as e:
         raise CompressionError(f"--calibrate: {e}") from None
-    return CalibrationPatches(patches, labels, record)
+    return CalibrationPatches(patches, labels, {**record, "sequential": bool(calibrate.get("sequential", False))})
 
 
 def decompose_folds(source: Source, config, half: bool = False, progress: bool = False,
@@ -267,9 +269,10 @@ def decompose_folds(source: Source, config, half: bool = False, progress: bool =
     folds are decomposed at those ranks (one plans.json holds one architecture). With `calibration`, each fold's
     dense network first runs over the patches (`collect_statistics`) and the factors are data-aware."""
     from nnunet_green.compression import count_macs, param_count, tucker_
-    from nnunet_green.compression.calibration import CalibrationError, collect_statistics
-
-    from nnunet_green.compression.calibration import peak_rss_mb
+    from nnunet_green.compression.calibration import CalibrationError, collect_statistics, peak_rss_mb
+    from nnunet_green.compression.data_aware import reconstruction_error
+    from nnunet_green.compression.sequential import factorized_layers, refine_sequentially_
+    from nnunet_green.compression.surgery import unique_convs
 
     shape = source.input_shape
     result, t_total = None, 0.0
@@ -295,13 +298,28 @@ def decompose_folds(source: Source, config, half: bool = False, progress: bool =
                 raise CompressionError(f"--calibrate: fold_{f}: {e}") from None
             fold_calibration[f] = stats.record()
         t0 = time.perf_counter()
+        dense = copy.deepcopy(net) if stats is not None and calibration.record["sequential"] else None
         try:
             records = tucker_(net, config, progress=progress, input_shape=shape, ranks=shared, calibration=stats)
         except (ValueError, NotImplementedError, TypeError) as e:
             raise CompressionError(f"fold_{f}: cannot factorize: {e}") from None
-        t_total += time.perf_counter() - t0
         if stats is not None:
             fold_calibration[f]["decomposition_s"] = round(time.perf_counter() - t0, 2)
+        if dense is not None:
+            try:
+                fold_calibration[f]["sequential_refit"] = refine_sequentially_(net, dense, calibration.patches,
+                                                                               stats, progress)
+            except CalibrationError as e:
+                raise CompressionError(f"--calibrate: fold_{f}: {e}") from None
+            refitted, dense_convs = factorized_layers(net), {n: c for n, _, c in unique_convs(dense)}
+            for r in records:  # the weight errors of the refitted factors
+                if r.name in refitted:
+                    m = refitted[r.name]
+                    r.rel_error = reconstruction_error(dense_convs[r.name], m.first.weight, m.core.weight,
+                                                       m.last.weight)
+            del dense
+        t_total += time.perf_counter() - t0
+        if stats is not None:
             fold_calibration[f]["input_rank_deficient_layers"] = [r.name for r in records if r.input_rank_deficient]
             fold_calibration[f]["process_peak_rss_mb"] = round(peak_rss_mb(), 1)
             del stats
