@@ -286,10 +286,14 @@ def test_finetune_trainer_stock_train_and_predict(hippocampus, compressed, tmp_p
     assert manifest.recovery["epochs"] == 1 and manifest.folds == ["0"]
     assert manifest.rule_label == "ratio 0.12 + fine-tuned"
     assert (fold / "green_summary.json").is_file()  # metered like the other green trainers
+    # the fast CPU path inherited with the source's weights went stale; the trainer rebuilt it for the new weights
+    assert manifest.fast_path["status"] == "built" and manifest.fast_path["folds"]["fold_0"]["status"] == "built"
 
     out = tmp_path / "pred"
-    run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", out, "-d", 4, "-c", "3d_fullres", "-f", 0,
-            "-tr", FINETUNE, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1, env=hippocampus.env())
+    proc = run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", out, "-d", 4, "-c", "3d_fullres", "-f",
+                   0, "-tr", FINETUNE, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1,
+                   env=hippocampus.env())
+    assert "fast CPU path: ONNX Runtime" in proc.stderr and "stale" not in proc.stderr, proc.stderr[-2000:]
     preds = sorted(p.name for p in out.glob("*.nii.gz"))
     cases = sorted(p.name.replace("_0000.nii.gz", ".nii.gz") for p in hippocampus.test_images.glob("*_0000.nii.gz"))
     assert preds == cases

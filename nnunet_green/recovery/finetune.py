@@ -23,6 +23,7 @@ import torch
 from nnunet_green.contract import (DEFAULT_CHECKPOINT, DENSE_CLASS_KEY, FINETUNE_TRAINER, MANIFEST_FILE,
                                    NETWORK_CLASS_NAME, PLANS_FILE, RANKS_KEY, RECOVERY_FINETUNED, GreenError,
                                    GreenSettings, env_name)
+from nnunet_green.compression.fast_folder import build_fast_path
 from nnunet_green.nnunet_io import ModelFolder, ModelFolderError
 from nnunet_green.recovery.record import add_recovery
 from nnunet_green.training.green_trainer import nnUNetTrainerGreen
@@ -183,4 +184,6 @@ class nnUNetTrainerTuckerFinetune(nnUNetTrainerGreen):
             "device": str(self.device), "metering": f"fold_{self.fold}/green_summary.json",
         })
         manifest.folds = ModelFolder(out).folds(DEFAULT_CHECKPOINT)
+        # the fast CPU path's artefact came with the source's weights: now stale, rebuilt for the new ones
+        manifest.fast_path = build_fast_path(out, manifest.folds, DEFAULT_CHECKPOINT, only_if_needed=True)
         manifest.write(out / MANIFEST_FILE)
