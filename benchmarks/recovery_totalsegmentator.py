@@ -6,8 +6,8 @@ plans, TotalSegmentator's folder layout) to the real abdominal CT in ../shared/d
 (example_ct.nii.gz), with TotalSegmentator's own 3 mm output for that CT as the target
 (example_seg_fast_force_split.nii.gz; model output, not ground truth). nnU-Net's preprocessor and loss are used.
 
-Then: nnunet-green-compress (uniform rank ratio, budgeted ranks at the same parameter budget, and the uniform ratio
-calibrated on the unlabelled fitting CT: data-aware factors) → TotalSegmentator --fast with TOTALSEG_WEIGHTS_PATH on
+Then: nnunet-green-compress (uniform rank ratio, budgeted ranks at the same parameter budget, and both calibrated
+on the unlabelled fitting CT: data-aware factors) → TotalSegmentator --fast with TOTALSEG_WEIGHTS_PATH on
 the dense and on each compressed root → agreement; nnunet-green-distill on the fitting CT (label-free) → agreement
 again. Agreement is measured on example_ct.nii.gz (the CT the model was fitted
 and distilled on) and on example_ct_sm.nii.gz (a different CT slab, never trained on).
@@ -183,11 +183,12 @@ def main(argv=None) -> int:
     compress_weights_root(work / "dense", work / "budgeted", TuckerConfig(budget=budget), overwrite=True,
                           speed_check=False)
     roots["budgeted"] = work / "budgeted"
-    if args.calibration_patches:  # data-aware factors from the unlabelled fitting CT (issue 11): same ranks as uniform
-        compress_weights_root(work / "dense", work / "uniform-calibrated", TuckerConfig(rank_ratio=args.ratio),
-                              overwrite=True, speed_check=False,
-                              calibrate={"images": images, "patches": args.calibration_patches})
-        roots["uniform-calibrated"] = work / "uniform-calibrated"
+    if args.calibration_patches:  # data-aware factors from the unlabelled fitting CT (issue 11): the same rank rules
+        for name, config in (("uniform", TuckerConfig(rank_ratio=args.ratio)),
+                             ("budgeted", TuckerConfig(budget=budget))):
+            compress_weights_root(work / "dense", work / f"{name}-calibrated", config, overwrite=True,
+                                  speed_check=False, calibrate={"images": images, "patches": args.calibration_patches})
+            roots[f"{name}-calibrated"] = work / f"{name}-calibrated"
     recovery = {}
     for mode in args.distill_modes:
         target = work / f"{mode}-distilled"
