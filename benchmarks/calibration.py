@@ -96,13 +96,13 @@ def sweep(args) -> int:
             uni[tag] = add(f"r{ratio:g}-uniform-{tag}", TuckerConfig(rank_ratio=ratio), tag,
                            {"ratio": ratio, "ranks": "uniform", "budget": None})
         manifest = json.loads((uni["w"] / MANIFEST_FILE).read_text())
-        to_distill = list(uni.values()) if "uniform" in args.distill_ranks else []
+        to_distill = [uni[t] for t in args.distill_from if t in uni] if "uniform" in args.distill_ranks else []
         for cost in args.budget_costs:
             budget = equal_budget(manifest, cost)
             for tag in decompositions:
                 folder = add(f"r{ratio:g}-budget-{cost}-{tag}", TuckerConfig(budget=budget, budget_cost=cost),
                              tag, {"ratio": ratio, "ranks": f"budgeted ({cost})", "budget": round(budget, 4)})
-                if "budgeted" in args.distill_ranks:
+                if "budgeted" in args.distill_ranks and tag in args.distill_from:
                     to_distill.append(folder)
         if ratio in args.distill_ratios:
             for folder in to_distill:
@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     s.add_argument("--distill-ratios", nargs="*", type=float, default=[0.12])
     s.add_argument("--distill-ranks", nargs="+", choices=("uniform", "budgeted"), default=["uniform"],
                    help="which variants of the --distill-ratios to distil (weight-only and calibrated each)")
+    s.add_argument("--distill-from", nargs="+", choices=("w", "cal", "seq"), default=["w", "cal", "seq"],
+                   help="which decompositions to distil: weight-only, calibrated, calibrated + sequential refit")
     s.add_argument("--finetune-ratios", nargs="*", type=float, default=[],
                    help="fine-tune the uniform variants of these ratios with labels (needs --data, or "
                         "nnUNet_raw/preprocessed/results of the model's dataset)")
