@@ -79,10 +79,9 @@ def _sym_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return e.flip(0).clamp_min(0), v.flip(1)
 
 
-def input_covariance(inputs: Moments, per_instance: bool, ridge: float) -> tuple[torch.Tensor, bool, float]:
-    """(regularised input covariance, was it rank-deficient, the amount lam added on the diagonal). Per-instance
-    centred when a norm follows (it removes each instance's means), else about the global mean; lam = ridge * mean
-    eigenvalue."""
+def input_covariance(inputs: Moments, per_instance: bool, ridge: float) -> tuple[torch.Tensor, bool]:
+    """(regularised input covariance, was it rank-deficient). Per-instance centred when a norm follows (it removes
+    each instance's means), else about the global mean; ridge * mean eigenvalue added on the diagonal."""
     s = inputs.covariance(per_instance=per_instance)
     c = s.shape[0]
     e, v = torch.linalg.eigh(s)
@@ -91,13 +90,13 @@ def input_covariance(inputs: Moments, per_instance: bool, ridge: float) -> tuple
     lam = ridge * max(float(e.clamp_min(0).mean()), floor)
     deficient = bool((e < lam).any()) or inputs.voxels < c
     # eigenvalues below the ridge (rounding can make them slightly negative) are lifted to it
-    return (v * e.clamp_min(0).add(lam)) @ v.T, deficient, lam
+    return (v * e.clamp_min(0).add(lam)) @ v.T, deficient
 
 
 def spectra(conv: nn.Module, stats: LayerStatistics, ridge: float) -> LayerSpectra:
     wo = offset_matrices(conv.weight, isinstance(conv, TRANSPOSED_CONVS))
     d = output_weights(stats)
-    s, deficient, _ = input_covariance(stats.inputs, stats.norm is not None, ridge)
+    s, deficient = input_covariance(stats.inputs, stats.norm is not None, ridge)
     m = torch.einsum("koi,o,koj->ij", wo, d * d, wo)
     es, vs = _sym_eigh(s)
     sqrt_s = (vs * es.sqrt()) @ vs.T
@@ -121,11 +120,11 @@ def calibrated_factors(conv: nn.Module, rank_in: int, rank_out: int, stats: Laye
     per_instance = stats.norm is not None
     if drift is None:
         wo, mu = dense_wo, stats.inputs.mean
-        s, deficient, _ = input_covariance(stats.inputs, per_instance, ridge)
+        s, deficient = input_covariance(stats.inputs, per_instance, ridge)
     else:  # ridge regression of the dense response W x on the input u the layer now gets, shrunk towards W:
         # W (C_xu + lam I) (S_u + lam I)^-1, written as W + W (C_xu - S_u) (S_u + lam I)^-1 so that u = x gives W
         # exactly (the regularised S_u also lifts S_u's rounding-negative eigenvalues)
-        s, deficient, _ = input_covariance(drift.inputs, per_instance, SEQUENTIAL_CALIBRATION_RIDGE)
+        s, deficient = input_covariance(drift.inputs, per_instance, SEQUENTIAL_CALIBRATION_RIDGE)
         shift = drift.cross.covariance(per_instance) - drift.inputs.covariance(per_instance)
         wo, mu = dense_wo + dense_wo @ torch.linalg.solve(s, shift.T).T, drift.inputs.mean
 

@@ -97,8 +97,8 @@ def refine_sequentially_(compressed: nn.Module, dense: nn.Module, patches: Seque
                 if not drift.add(xd, xc):
                     raise CalibrationError(f"sequential calibration produced non-finite inputs of layer {name} on "
                                            f"patch {i}")
-                gap += float((xd - xc).double().pow(2).sum())
-                total += float(xd.double().pow(2).sum())
+                gap += float(torch.linalg.vector_norm(xd - xc)) ** 2  # fp32: no float64 copies of the activations
+                total += float(torch.linalg.vector_norm(xd)) ** 2
             drift_of[name] = round((gap / max(total, 1e-30)) ** 0.5, 5)
             if drift.inputs.voxels < conv.in_channels:  # fewer samples than channels: a regression would overfit
                 kept.append(name)
