@@ -37,6 +37,22 @@ def run_cli(*args, env: dict | None = None, check: bool = True, timeout: int = 9
     return proc
 
 
+def predict_in_process(model: Path, images: Path, out: Path, fold: int = 0) -> list[Path]:
+    """nnU-Net's own predictor class (the one behind nnUNetv2_predict) on a model folder, in this process: the same
+    loading and sliding-window route without the CLI's spawned workers, which cost ~15 s of imports per call here.
+    Tests of the CLIs themselves call them with run_cli."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), perform_everything_on_device=False,
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), use_folds=(fold,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    out.mkdir(parents=True, exist_ok=True)  # the sequential route, unlike the CLI, does not create it
+    predictor.predict_from_files_sequential(str(images), str(out))
+    return sorted(out.glob("*.nii.gz"))
+
+
 class NnUNetEnv:
     """nnUNet_raw/preprocessed/results under one temporary root, and the environment to run the CLIs in."""
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_compress_refuses, run_cli
+from conftest import assert_compress_refuses, predict_in_process, run_cli
 
 from nnunet_green.compression import (CalibratedRanks, CalibrationError, GivenRanks, TuckerConfig, UniformRanks,
                                       collect_statistics, tucker_)
@@ -210,7 +210,7 @@ def test_compress_cli_calibrate_bad_input(hippocampus, trained_fp32, tmp_path, c
 
 def test_compress_cli_calibrate_real_model_stock_predict(hippocampus, trained_fp32, tmp_path):
     """nnunet-green-compress --calibrate --calibration-sequential on real Hippocampus images: compression.json records
-    the calibration and the sequential refit, the stock predictor runs the folder, and on the held-out cases it
+    the calibration and the sequential refit, the stock predictor class runs the folder, and on the held-out cases it
     agrees with the dense model better than the weight-only decomposition at the same ranks, as does the plain
     calibrated one (each held-out image fits one patch: one forward is what the predictor computes)."""
     from nnunet_green.compression.model_folder import compress_model_folder
@@ -246,10 +246,8 @@ def test_compress_cli_calibrate_real_model_stock_predict(hippocampus, trained_fp
     w = compress_model_folder(dense_folder, weight_only, m_config(m), fast_path=False, speed_check=False)
     assert w["decomposition"] == "weight-only" and w["calibration"] is None
 
-    pred = tmp_path / "pred"
-    run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", calibrated,
-            "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1, env=hippocampus.env())
-    assert len(list(pred.glob("*.nii.gz"))) == len(list(hippocampus.test_images.glob("*_0000.nii.gz")))
+    predicted = predict_in_process(calibrated, hippocampus.test_images, tmp_path / "pred")
+    assert len(predicted) == len(list(hippocampus.test_images.glob("*_0000.nii.gz")))
 
     dense = ModelFolder(dense_folder).load("0")
     nets = {name: ModelFolder(folder).load("0").network.eval() for name, folder in

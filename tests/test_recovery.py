@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_compress_refuses, run_cli
+from conftest import assert_compress_refuses, predict_in_process, run_cli
 
 FINETUNE = "nnUNetTrainerTuckerFinetune"
 TUCKER_NETWORK = "nnunet_green.compression.network.TuckerFactorizedNetwork"
@@ -237,10 +237,8 @@ def test_compress_cli_budget_and_distill_in_one_command(hippocampus, trained_fp3
     meter.close()
     assert (rec["energy_j"] is None) == (rec["energy_source"] == "unavailable")
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
-    pred = tmp_path / "pred"
-    run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", out, "-f", 0,
-            "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1, env=hippocampus.env())
-    assert len(list(pred.glob("*.nii.gz"))) == len(list(hippocampus.test_images.glob("*_0000.nii.gz")))
+    predicted = predict_in_process(out, hippocampus.test_images, tmp_path / "pred")
+    assert len(predicted) == len(list(hippocampus.test_images.glob("*_0000.nii.gz")))
 
 
 def test_compress_cli_recovery_bad_input(trained_fp32, images_like, tmp_path, capsys):

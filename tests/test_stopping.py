@@ -171,7 +171,8 @@ def test_plateau_stops_the_nnunet_way_and_continue_does_not_train_on(hippocampus
     logs = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "does not train on" in logs
 
-    # the stopped model predicts like any other
+    # the stopped model predicts like any other (this is also the suite's stock `nnUNetv2_predict -d` of a model
+    # trained by a green trainer)
     out = tmp_path / "pred"
     run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", out, "-d", 4, "-c", "3d_fullres",
             "-tr", "nnUNetTrainerGreen8bit", "-f", 2, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1,

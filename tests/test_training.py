@@ -20,7 +20,7 @@ from nnunet_green.training.optimizers import ADAMW_8BIT, NNUNET_SGD, SGD_8BIT, o
 from nnunet_green.training.precision import AMP, BF16, FP32, HALF, POLICIES
 from nnunet_green.training.variants import GREEN_TRAINERS, SETTINGS
 
-from conftest import REPO, run_cli
+from conftest import REPO
 
 # The study's settings (arXiv 2303.10181) plus bf16, and one 8-bit AdamW: every SGD class and the fp32 AdamW one.
 STUDY_SETTINGS = [c.__name__ for c in GREEN_TRAINERS
@@ -377,11 +377,3 @@ def test_half_weights_stop_cleanly_when_steps_stay_non_finite(hippocampus):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STOPPED" in proc.stdout and "non-finite" in proc.stdout
-
-
-def test_stock_predict_uses_a_green_trainer_model(hippocampus, trained_fp32, tmp_path):
-    out = tmp_path / "pred"
-    run_cli("nnUNetv2_predict", "-i", hippocampus.test_images, "-o", out, "-d", 4, "-c", "3d_fullres",
-            "-tr", "nnUNetTrainerGreenFP32", "-f", 0, "-device", "cpu", "--disable_progress_bar", "--disable_tta",
-            "-npp", 1, "-nps", 1, env=hippocampus.env())
-    assert len(list(out.glob("*.nii.gz"))) == 2
