@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from nnunet_green.recovery.settings import LOSSES, DistillSettings  # torch-free: --help stays fast
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -110,12 +112,12 @@ def sweep(args) -> int:
                 if target.exists():
                     shutil.rmtree(target)
                 shutil.copytree(folder, target)
-                rec = distill_model_folder(target, train_images, steps=args.steps, lr=args.lr,
+                rec = distill_model_folder(target, train_images, steps=args.steps, lr=args.lr, loss=args.loss,
                                            batch_size=args.batch_size, folds=[args.fold], seed=0, progress=False)
                 base = dict(next(r for f, r in variants if f == folder))
                 variants.append((target, {**base, "recovery": "distilled", "distill_s": rec["seconds"],
                                           "distill_settings": f"{rec['steps_done']} steps x {args.batch_size} "
-                                                              f"patches, AdamW lr {args.lr}"}))
+                                                              f"patches, AdamW lr {args.lr}, {args.loss} loss"}))
                 print(f"+ {target.name}: {rec['seconds']:.0f} s", file=sys.stderr, flush=True)
         if ratio in args.finetune_ratios:
             for folder in uni.values():
@@ -263,6 +265,8 @@ def main(argv=None) -> int:
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--batch-size", type=int, default=2)
+    s.add_argument("--loss", choices=LOSSES, default=DistillSettings.loss, help="distillation loss (kl: at the "
+                   f"default temperature {DistillSettings.temperature:g})")
     s.add_argument("-f", "--fold", default="0")
     s.add_argument("-o", "--output", type=Path, default=REPO / "bench_out")
     c = sub.add_parser("cost", help="calibration time and memory on the TS-1.5mm architecture")
