@@ -162,6 +162,22 @@ def test_distill_settings_declared_once():
         DistillSettings().replace(step=3)
 
 
+def test_centered_mse_ignores_what_softmax_and_argmax_ignore():
+    """mse-centered is zero exactly when the logits differ by a per-voxel offset common to all classes (which changes
+    neither softmax nor argmax), and otherwise equals the mse of the centered logits."""
+    from nnunet_green.recovery.distill import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 3, 4, 5, 6, generator=g)
+    offset = torch.randn(2, 1, 4, 5, 6, generator=g)
+    assert distill_loss(t + offset, t, "mse-centered").item() < 1e-12
+    assert distill_loss(t + offset, t, "mse").item() > 0.5
+    s = t + 0.1 * torch.randn(t.shape, generator=g)
+    d = (s - t) - (s - t).mean(dim=1, keepdim=True)
+    assert math.isclose(distill_loss(s, t, "mse-centered").item(), d.pow(2).mean().item(), rel_tol=1e-5)
+    assert distill_loss(s, t, "mse-centered").item() < distill_loss(s, t, "mse").item()
+
+
 @pytest.fixture()
 def images_like(hippocampus, tmp_path):
     """Build an images folder from the first test image: make(channels=[0, 1]) -> folder."""
