@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NNUNET_GREEN_DATA ?= $(abspath ../shared/data)
 export NNUNET_GREEN_DATA
 
-.PHONY: install test bench bench-e2e bench-gpu-inference bench-recovery bench-calibration bench-gpu-training bench-stopping bench-light demo clean
+.PHONY: install test bench bench-e2e bench-gpu-inference bench-recovery bench-calibration bench-gpu-training bench-stopping bench-stopping-long bench-light demo clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,12 @@ bench-gpu-training: install
 # Full schedule vs plateau stop (with its cool-down), same seed (docs/benchmarks.md): 45 min on a quiet 2-core CPU.
 bench-stopping: install
 	$(PY) benchmarks/stopping.py -o bench_out/stopping
+
+# The same at 200 epochs: patience 5, then patience 10 against the same full run (~70 min on 2 cores).
+bench-stopping-long: install
+	$(PY) benchmarks/stopping.py --epochs 200 --work work/stopping200 -o bench_out/stopping200
+	$(PY) benchmarks/stopping.py --epochs 200 --work work/stopping200 --patience 10 \
+	    --full-from bench_out/stopping200/stopping.json -o bench_out/stopping200_p10
 
 # Light plans vs default plans at equal epochs on Hippocampus, then both compressed (docs/benchmarks.md). Reuses the
 # data and, when it exists, the full-schedule run of bench-stopping (same settings); ~15 min after it, ~35 alone.

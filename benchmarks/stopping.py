@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
 DICE_TOLERANCE = 0.01
 MIN_SAVING = 0.40
+DEFAULT_PATIENCE = 5  # the early run's nnUNet_green_patience unless --patience says otherwise
 
 
 def default_data() -> Path:
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=120)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--val-iters", type=int, default=5)
-    p.add_argument("--patience", type=int, default=5, help="nnUNet_green_patience of the early run")
+    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE, help="nnUNet_green_patience of the early run")
     p.add_argument("--min-delta", type=float, default=0.005, help="nnUNet_green_min_delta of the early run")
     p.add_argument("--cooldown", type=int, default=None, help="nnUNet_green_cooldown of the early run (default: "
                    "unset, i.e. the trainer's default, the patience; 0 stops at the plateau itself)")
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
                 "device": args.device, "n_proc_DA": args.n_proc_da}
     full = earlier_full_run(args.full_from, settings, p.error) if args.full_from else \
         seeded_training_run("full", work, (DATASET_ID, DATASET_NAME), **common)
-    early_name = "early" if args.cooldown is None else f"early_cooldown{args.cooldown}"
+    early_name = "early" + ("" if args.patience == DEFAULT_PATIENCE else f"_patience{args.patience}") \
+        + ("" if args.cooldown is None else f"_cooldown{args.cooldown}")
     runs = [full, seeded_training_run(early_name, work, (DATASET_ID, DATASET_NAME), **common,
                                       green_env={"patience": args.patience, "min_delta": args.min_delta,
                                                  **({} if args.cooldown is None else {"cooldown": args.cooldown})})]
