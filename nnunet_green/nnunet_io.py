@@ -111,6 +111,14 @@ def io_channels(plans_manager, configuration_manager, dataset_json: dict) -> tup
             plans_manager.get_label_manager(dataset_json).num_segmentation_heads)
 
 
+def predicts_regions(dataset_json: dict) -> bool:
+    """nnU-Net's own test (LabelManager): a label given as several values is a region, so the network has a sigmoid
+    per channel instead of one softmax over the classes."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    return LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order")).has_regions
+
+
 def build_network(trainer_class, plans_manager, configuration_manager, dataset_json: dict,
                   deep_supervision: bool = False):
     """Exactly what the stock predictor does to build a network: the trainer's static builder, from plans."""

@@ -162,22 +162,6 @@ def test_distill_settings_declared_once():
         DistillSettings().replace(step=3)
 
 
-def test_centered_mse_ignores_what_softmax_and_argmax_ignore():
-    """mse-centered is zero exactly when the logits differ by a per-voxel offset common to all classes (which changes
-    neither softmax nor argmax), and otherwise equals the mse of the centered logits."""
-    from nnunet_green.recovery.distill import distill_loss
-
-    g = torch.Generator().manual_seed(0)
-    t = torch.randn(2, 3, 4, 5, 6, generator=g)
-    offset = torch.randn(2, 1, 4, 5, 6, generator=g)
-    assert distill_loss(t + offset, t, "mse-centered").item() < 1e-12
-    assert distill_loss(t + offset, t, "mse").item() > 0.5
-    s = t + 0.1 * torch.randn(t.shape, generator=g)
-    d = (s - t) - (s - t).mean(dim=1, keepdim=True)
-    assert math.isclose(distill_loss(s, t, "mse-centered").item(), d.pow(2).mean().item(), rel_tol=1e-5)
-    assert distill_loss(s, t, "mse-centered").item() < distill_loss(s, t, "mse").item()
-
-
 @pytest.fixture()
 def images_like(hippocampus, tmp_path):
     """Build an images folder from the first test image: make(channels=[0, 1]) -> folder."""
@@ -198,6 +182,12 @@ def test_distill_bad_input(trained_fp32, compressed, images_like, tmp_path, caps
     ok_images = images_like([0])
     empty = tmp_path / "empty"
     empty.mkdir()
+    regions = tmp_path / "regions"  # the same folder as if trained on nested regions (sigmoid outputs)
+    shutil.copytree(compressed, regions, ignore=shutil.ignore_patterns("*.pth", "*.onnx"))
+    ds = json.loads((regions / "dataset.json").read_text())
+    ds["labels"] = {"background": 0, "hippocampus": [1, 2], "posterior": 2}
+    ds["regions_class_order"] = [1, 2]
+    (regions / "dataset.json").write_text(json.dumps(ds))
     cases = {
         "uncompressed": ((trained_fp32.parent, "--images", ok_images), "not a compressed model folder"),
         "empty images": ((compressed, "--images", empty), "no images in"),
@@ -208,6 +198,7 @@ def test_distill_bad_input(trained_fp32, compressed, images_like, tmp_path, caps
         "patch size": ((compressed, "--images", ok_images, "--patch-size", "30", "30", "30"), "total stride"),
         "settings": ((compressed, "--images", ok_images, "--lr", "-1"), "lr must be a positive number"),
         "missing folder": ((tmp_path / "nope", "--images", ok_images), "model folder not found"),
+        "kl on regions": ((regions, "--images", ok_images, "--loss", "kl"), "predicts overlapping regions"),
     }
     before = (compressed / "compression.json").read_text()
     for what, (args, message) in cases.items():

@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patches-per-image", type=int, default=d.patches_per_image,
                    help="patches drawn from an image before moving to the next (default %(default)s)")
     s.add_argument("--loss", choices=LOSSES, default=d.loss,
-                   help="mse on logits, mse-centered (on logits minus their mean over the classes, which softmax and "
-                        "argmax ignore) or temperature-scaled kl on softmax (default %(default)s)")
+                   help="mse on logits or temperature-scaled kl on softmax (default %(default)s)")
     s.add_argument("--temperature", type=float, default=d.temperature,
                    help="temperature of --loss kl (default %(default)s)")
     s.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction,

@@ -23,10 +23,10 @@ from nnunet_green.contract import (DEFAULT_CHECKPOINT, MANIFEST_FILE, PLANS_FILE
                                    CompressionManifest)
 from nnunet_green.compression.fast_folder import build_fast_path
 from nnunet_green.compression.fast_path import eager
-from nnunet_green.nnunet_io import LoadedModel, ModelFolder
+from nnunet_green.nnunet_io import LoadedModel, ModelFolder, predicts_regions
 from nnunet_green.recovery.record import add_recovery
 from nnunet_green.recovery.patches import CaseCache, check_images, patch_stream, sample_patch, training_patch
-from nnunet_green.recovery.settings import LOSSES, SOFTMAX_LOSSES, DistillError, DistillSettings
+from nnunet_green.recovery.settings import LOSSES, DistillError, DistillSettings
 
 MAX_NONFINITE_STEPS = 5  # skipped steps (non-finite loss or gradient) before the run stops with an error
 
@@ -36,15 +36,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, los
                  temperature: float = 2.0) -> torch.Tensor:
     """mse: mean squared difference of the logits. nnU-Net's predictor averages LOGITS over overlapping windows
     and mirrored copies before the argmax, so matching the logits matches what the predictor aggregates, including
-    the confident background voxels where softmax saturates and a KL term has almost no gradient. mse-centered:
-    the same after subtracting each voxel's mean over the classes: softmax and argmax ignore that common offset (and
-    so does the predictor's averaging), so the student spends nothing on matching it. kl:
+    the confident background voxels where softmax saturates and a KL term has almost no gradient. kl:
     T^2 * KL(softmax(t/T) || softmax(s/T)) per voxel (Hinton et al.), for users who prefer matching probabilities."""
     if loss == "mse":
         return F.mse_loss(student_logits, teacher_logits)
-    if loss == "mse-centered":
-        return F.mse_loss(student_logits - student_logits.mean(dim=1, keepdim=True),
-                          teacher_logits - teacher_logits.mean(dim=1, keepdim=True))
     if loss == "kl":
         t = temperature
         log_p_s = F.log_softmax(student_logits / t, dim=1)
@@ -171,6 +166,9 @@ def distill_model_folder(folder, images, settings: DistillSettings | None = None
     device = resolve_device(device)
     checkpoint = manifest.checkpoint or DEFAULT_CHECKPOINT
     folds = _folds(manifest, student_folder.path, folds)
+    if cfg.loss == "kl" and predicts_regions(student_folder.dataset_json):
+        raise DistillError(f"--loss kl compares softmax outputs, but {student_folder.path} predicts overlapping "
+                           f"regions (a sigmoid per channel): use --loss mse")
     cases = check_images(images, student_folder.dataset_json)
 
     per_fold, trained = {}, {}
@@ -180,9 +178,6 @@ def distill_model_folder(folder, images, settings: DistillSettings | None = None
         check_compatible(student, teach)
         if f == folds[0]:
             training_patch(student.configuration_manager, cfg.patch_size)  # bad --patch-size: fail before training
-            if cfg.loss in SOFTMAX_LOSSES and student.plans_manager.get_label_manager(student.dataset_json).has_regions:
-                raise DistillError(f"--loss {cfg.loss} assumes softmax outputs, but {student_folder.path} predicts "
-                                   f"overlapping regions (sigmoid per channel): use --loss mse")
         with eager():  # the student's artefact is stale while it learns: evaluate it eagerly, silently
             per_fold[f"fold_{f}"], trained[f] = distill_fold(student, teach, cases, cfg, device, progress,
                                                              label=f"distill fold {f}")

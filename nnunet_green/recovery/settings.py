@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from nnunet_green.contract import GreenError
 
-LOSSES = ("mse", "mse-centered", "kl")
-SOFTMAX_LOSSES = ("mse-centered", "kl")  # assume the classes compete in one softmax (not nnU-Net's sigmoid regions)
+LOSSES = ("mse", "kl")
 
 
 class DistillError(GreenError):
