@@ -116,7 +116,10 @@ def predicts_regions(dataset_json: dict) -> bool:
     per channel instead of one softmax over the classes."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    return LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order")).has_regions
+    try:
+        return LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order")).has_regions
+    except (AssertionError, KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"cannot interpret the labels of {DATASET_FILE}: {type(e).__name__}: {e}") from None
 
 
 def build_network(trainer_class, plans_manager, configuration_manager, dataset_json: dict,
