@@ -69,11 +69,14 @@ bench-gpu-training: install
 bench-stopping: install
 	$(PY) benchmarks/stopping.py -o bench_out/stopping
 
-# The same at 200 epochs: patience 5, then patience 10 against the same full run (~70 min on 2 cores).
+# The same at 200 epochs: patience 5, then patience 10 against the same full run, then
+# patience 10 with seed 1 (its own full run): ~2.5 h on 2 cores.
 bench-stopping-long: install
 	$(PY) benchmarks/stopping.py --epochs 200 --work work/stopping200 -o bench_out/stopping200
 	$(PY) benchmarks/stopping.py --epochs 200 --work work/stopping200 --patience 10 \
 	    --full-from bench_out/stopping200/stopping.json -o bench_out/stopping200_p10
+	$(PY) benchmarks/stopping.py --epochs 200 --seed 1 --patience 10 --work work/stopping200_s1 \
+	    -o bench_out/stopping200_s1_p10
 
 # Light plans vs default plans at equal epochs on Hippocampus, then both compressed (docs/benchmarks.md). Reuses the
 # data and, when it exists, the full-schedule run of bench-stopping (same settings); ~15 min after it, ~35 alone.
