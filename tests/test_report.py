@@ -497,6 +497,24 @@ def test_figures_are_real_pngs_and_embedded(report):
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", report["html"])  # self-contained
 
 
+def test_radar_keeps_a_dice_of_zero(tmp_path):
+    """An untrained model's Dice is 0, a value, not a missing one: the radar draws it at 0 rather than dropping the
+    axis (and, without energy, the whole radar). Seen on the suite's 2-epoch model."""
+    res = tmp_path / "results"
+    for trainer in ("nnUNetTrainerGreenFP32", "nnUNetTrainerGreenBF16"):
+        fold = model_folder(res, trainer) / "fold_0"
+        write_fold(fold, trainer, "fp32", "sgd", device="cpu", gpu_w=None, epoch_s=100.0, dice=0.01)
+        summary = json.loads((fold / "green_summary.json").read_text())  # nnU-Net's final validation: Dice 0
+        summary["dice"]["validation_mean_fg_dice"] = 0.0
+        (fold / "green_summary.json").write_text(json.dumps(summary))
+        (fold / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": 0.0}}))
+    out = tmp_path / "rep"
+    assert main([str(res), "-o", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert [r["dice"] for r in data["training"]["rows"]] == [0.0, 0.0]
+    assert "radar.png" in {f["file"] for f in data["training"]["figures"]}
+
+
 def test_pareto_front():
     pts = [(1.0, 0.8), (2.0, 0.85), (1.5, 0.79), (3.0, 0.84), (0.5, 0.6)]
     assert pareto_front(pts) == [4, 0, 1]

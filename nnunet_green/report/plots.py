@@ -57,8 +57,8 @@ def radar(settings: list[Setting], out: Path) -> tuple[str, str]:
     per = " per fold" if any(len(s.folds) > 1 for s in settings) else ""
     axes = [("Dice", "dice", lambda x: f"{x:.3f}"), ("Energy", "energy_j_per_fold", lambda x: _fmt_j(x) + per),
             ("Memory", mem_key, fmt_mb), ("Time", "time_s_per_fold", lambda x: fmt_duration(x) + per)]
-    # an axis nobody has (or whose largest value is 0, which cannot be normalised) is dropped for all settings
-    dropped = [a for a, k, _ in axes if k is None or not any((s.values.get(k) or 0) > 0 for s in settings)]
+    # an axis nobody has is dropped for all settings; a value of 0 is kept (an untrained model's Dice is 0)
+    dropped = [a for a, k, _ in axes if k is None or all(s.values.get(k) is None for s in settings)]
     axes = [a for a in axes if a[0] not in dropped]
     if len(axes) < 3:
         raise Skip(f"radar needs at least 3 axes; no run has {', '.join(dropped).lower()}")
@@ -86,7 +86,8 @@ def radar(settings: list[Setting], out: Path) -> tuple[str, str]:
             va="bottom" if y > 0.1 else "top" if y < -0.1 else "center")
     notes = []
     for s in settings:
-        r = [None if s.values.get(k) is None else s.values[k] / m for (_, k, _), m in zip(axes, maxima)]
+        r = [None if s.values.get(k) is None else s.values[k] / m if m > 0 else 0.0
+             for (_, k, _), m in zip(axes, maxima)]
         missing = [a.lower() for (a, _, _), x in zip(axes, r) if x is None]
         est = s.energy_estimated and "Energy" in [a for a, _, _ in axes]
         style = "--" if est else "-"
