@@ -106,7 +106,8 @@ def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, de
     `policy` (a StoppingPolicy): decided after every epoch on the meter's rows and nnU-Net's EMA pseudo-Dice, as
     the green trainer does, and the summary gets the trainer's own `stopping` record; without it the summary is
     that of a version before early stopping. `data_wait`: share of each epoch's training time waiting for data.
-    `epochs_run`: epochs trained before the summary is written (default: the whole schedule, `num_epochs`)."""
+    `epochs_run`: epochs trained before the summary is written (default: the whole schedule, `num_epochs`).
+    `validation_dice`: nnU-Net's final validation Dice (True: `dice` + 0.01, False: no final validation)."""
     folder.mkdir(parents=True)
     dev = torch.device(device)
     clock, nvml = Clock(), FakeNvml()
@@ -150,8 +151,8 @@ def write_fold(folder: Path, trainer: str, precision: str, optimizer: str, *, de
         (folder / "training_log_2026_1_1_00_00_00.txt").write_text("epoch 0\n")
         (folder / "debug.json").write_text("{}")
         (folder / "validation").mkdir()
-        vdice = dice + 0.01 if validation_dice else None
-        if validation_dice:  # nnU-Net's own file
+        vdice = None if validation_dice is False else dice + 0.01 if validation_dice is True else validation_dice
+        if vdice is not None:  # nnU-Net's own file
             (folder / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": vdice}}))
         if final_val is not None:
             with meter.measure("final_validation"):
@@ -502,12 +503,8 @@ def test_radar_keeps_a_dice_of_zero(tmp_path):
     axis (and, without energy, the whole radar). Seen on the suite's 2-epoch model."""
     res = tmp_path / "results"
     for trainer in ("nnUNetTrainerGreenFP32", "nnUNetTrainerGreenBF16"):
-        fold = model_folder(res, trainer) / "fold_0"
-        write_fold(fold, trainer, "fp32", "sgd", device="cpu", gpu_w=None, epoch_s=100.0, dice=0.01)
-        summary = json.loads((fold / "green_summary.json").read_text())  # nnU-Net's final validation: Dice 0
-        summary["dice"]["validation_mean_fg_dice"] = 0.0
-        (fold / "green_summary.json").write_text(json.dumps(summary))
-        (fold / "validation" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": 0.0}}))
+        write_fold(model_folder(res, trainer) / "fold_0", trainer, "fp32", "sgd", device="cpu", gpu_w=None,
+                   epoch_s=100.0, dice=0.01, validation_dice=0.0)
     out = tmp_path / "rep"
     assert main([str(res), "-o", str(out)]) == 0
     data = json.loads((out / "report.json").read_text())
