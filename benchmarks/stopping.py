@@ -75,7 +75,17 @@ def compare(full: dict, early: dict) -> dict:
                        "result": "not measured" if v is None else ("pass" if v >= MIN_SAVING else "fail")})
     verdict = "pass" if all(c["result"] == "pass" for c in checks) else \
         ("fail" if any(c["result"] == "fail" for c in checks) else "not measured")
-    return {"cost_measure": measure, "cost_key": key, "savings": savings, "checks": checks, "verdict": verdict}
+    return {"cost_measure": measure, "cost_key": key, "savings": savings, "checks": checks, "verdict": verdict,
+            "held_out_paired": held_out_paired(full, early)}
+
+
+def held_out_paired(full: dict, early: dict) -> dict | None:
+    """Early minus full held-out Dice case by case, with a bootstrap interval: how sure the mean difference is."""
+    from nnunet_green.evaluation import paired_difference
+
+    if "held_out_case_dice" not in full or full.get("held_out_case_names") != early.get("held_out_case_names"):
+        return None
+    return paired_difference(full["held_out_case_dice"], early.get("held_out_case_dice", []))
 
 
 def _f(v, spec=".1f"):
@@ -88,6 +98,8 @@ def markdown(result: dict) -> str:
              f"Measured {result['created']} on {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPU cores, device "
              f"{s['device']}), torch {m['torch']}, nnU-Net {m['nnunetv2']}.", "",
              f"Command: `{result['command']}`", "",
+             *([f"Held-out Dice scored again from the runs' predictions ({result['rescored']['at']}): "
+                f"`{result['rescored']['command']}`", ""] if result.get("rescored") else []),
              f"Setting: MSD Hippocampus, {s['n_train']} training cases (fold {s['fold']} of nnU-Net's 5-fold split "
              f"for the final validation) + {s['n_test']} held-out labelled cases, {s['trainer']}, {s['epochs']} "
              f"epochs x {s['iters']} iterations ({s['val_iters']} validation iterations), seed {s['seed']}, "
@@ -117,24 +129,57 @@ def markdown(result: dict) -> str:
               f"and energy: **{c['verdict']}**", ""]
     lines += [f"- {k['target']}: **{k['result']}**" + ("" if k["value"] is None else f" ({k['value']:+.4f})")
               for k in c["checks"]]
+    if c.get("held_out_paired"):
+        d = c["held_out_paired"]
+        lines += ["", f"Held-out Dice, early minus full, case by case: mean {d['mean']:+.4f}, 95 % bootstrap interval "
+                  f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['cases']} cases, {d['resamples']} resamples); "
+                  f"{d['worse']} of {d['cases']} cases lower after the early stop."]
     return "\n".join(lines) + "\n"
 
 
-def earlier_full_run(path: Path, settings: dict, error) -> dict:
-    """The full-schedule run recorded in an earlier stopping.json, refused unless its settings match these."""
+def command_line(argv) -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv)
+
+
+def earlier_result(path: Path, settings: dict, error, flag: str, runs_needed: int) -> dict:
+    """An earlier stopping.json, refused unless its settings match these and the model folders of its first
+    `runs_needed` runs are still there."""
     import json
 
     try:
         earlier = json.loads(path.read_text())
-        full, recorded = earlier["runs"][0], earlier["settings"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        error(f"--full-from {path}: not a stopping.json of this benchmark ({e})")
+        runs, recorded = earlier["runs"], earlier["settings"]
+        if runs[0].get("run") != "full":
+            raise KeyError("runs[0] is not the full run")
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        error(f"{flag} {path}: not a stopping.json of this benchmark ({e})")
     differ = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
-    if full.get("run") != "full" or differ:
-        error(f"--full-from {path}: its full run does not match these settings (earlier, now): {differ}")
-    if not Path(full["model_folder"]).is_dir():
-        error(f"--full-from {path}: its model folder {full['model_folder']} is gone")
-    return {**full, "reused_from": str(path)}
+    if differ:
+        error(f"{flag} {path}: recorded with other settings (earlier, now): {differ}")
+    for run in runs[:runs_needed]:
+        if not Path(run["model_folder"]).is_dir():
+            error(f"{flag} {path}: its model folder {run['model_folder']} is gone")
+    return earlier
+
+
+def earlier_full_run(path: Path, settings: dict, error) -> dict:
+    """The full-schedule run recorded in an earlier stopping.json with the same settings."""
+    return {**earlier_result(path, settings, error, "--full-from", 1)["runs"][0], "reused_from": str(path)}
+
+
+def rescore(path: Path, settings: dict, images: Path, labels: Path, output: Path, error, command: str) -> int:
+    """The earlier result with its held-out Dice scored again from the runs' prediction folders."""
+    from nnunet_green.evaluation.experiment import score_held_out, write_result
+
+    result = earlier_result(path, settings, error, "--rescore", 2)
+    for run in result["runs"]:
+        if "held_out_dice" in run:
+            score_held_out(run, images, labels)
+    result.update(comparison=compare(*result["runs"]), rescored={
+        "from": str(path), "command": command,
+        "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    write_result(output, "stopping", result, markdown(result))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -160,6 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-predict", action="store_true", help="skip the held-out prediction")
     p.add_argument("--full-from", type=Path, default=None, help="stopping.json of an earlier run of this benchmark "
                    "with the same settings: reuse its full-schedule run instead of training it again")
+    p.add_argument("--rescore", type=Path, default=None, help="stopping.json of an earlier run of this benchmark with "
+                   "the same settings: score its runs' held-out predictions again and redo the comparison (no "
+                   "training, no prediction)")
     p.add_argument("-o", "--output", type=Path, default=REPO / "bench_out" / "stopping")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -182,6 +230,8 @@ def main(argv=None) -> int:
     settings = {"n_train": args.n_train, "n_test": args.n_test, "trainer": args.trainer, "epochs": args.epochs,
                 "iters": args.iters, "val_iters": args.val_iters, "seed": args.seed, "fold": args.fold,
                 "device": args.device, "n_proc_DA": args.n_proc_da}
+    if args.rescore:
+        return rescore(args.rescore, settings, images, labels, args.output, p.error, command_line(argv))
     full = earlier_full_run(args.full_from, settings, p.error) if args.full_from else \
         seeded_training_run("full", work, (DATASET_ID, DATASET_NAME), **common)
     early_name = "early" + ("" if args.patience == DEFAULT_PATIENCE else f"_patience{args.patience}") \
@@ -195,7 +245,7 @@ def main(argv=None) -> int:
                 held_out_dice(run, images, labels, args.fold, args.device)
     result = {
         "benchmark": "stopping", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        "command": command_line(argv),
         "machine": machine_info(args.device),
         "settings": {**settings, "patience": args.patience, "min_delta": args.min_delta, "cooldown": args.cooldown,
                      "data": str(data), "full_from": None if args.full_from is None else str(args.full_from)},

@@ -435,3 +435,19 @@ def test_dice_scores_and_summary():
     with pytest.raises(DiceError, match="shape"):
         dice_scores(pred, ref[:3], [1])
     assert foreground_labels({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}}) == [1, 2]
+
+
+def test_case_means_and_paired_difference():
+    from nnunet_green.evaluation import case_means, paired_difference
+
+    nan = math.nan
+    assert case_means({1: [0.8, nan, nan], 2: [0.6, 0.9, nan]}) == [pytest.approx(0.7), 0.9, None]
+    rng = np.random.default_rng(1)
+    a = list(rng.uniform(0.7, 0.9, 40))
+    worse = paired_difference(a, [x - 0.02 + rng.normal(0, 0.005) for x in a])
+    assert worse["cases"] == 40 and worse["mean"] == pytest.approx(-0.02, abs=0.003)
+    assert worse["ci95"][0] < worse["mean"] < worse["ci95"][1] < 0 and worse["worse"] >= 38
+    # cases unscored in either model are left out; the interval is seeded, so it repeats
+    same = paired_difference(a + [None], a + [0.5])
+    assert same == paired_difference(a, a) and same["mean"] == 0 and same["ci95"] == [0, 0] and same["worse"] == 0
+    assert paired_difference([0.5, None], [None, 0.5]) is None

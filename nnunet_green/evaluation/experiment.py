@@ -146,18 +146,34 @@ def seeded_training_run(name: str, work: Path, dataset: tuple[int, str], *, trai
 
 def held_out_dice(run: dict, images: Path, labels: Path, fold: str = "0", device: str = "cpu") -> None:
     """Dice of the stock `nnUNetv2_predict_from_modelfolder` (no TTA) of run["model_folder"] on held-out labelled
-    cases; adds held_out_dice (mean foreground), per label, the case count and the prediction time to `run`."""
-    from nnunet_green.evaluation.bench import image_cases, predict
-    from nnunet_green.evaluation.dice import dice_tables, foreground_labels, summarize
+    cases (predicted into <run>_predictions beside the model folder); see score_held_out for what it adds to `run`,
+    plus the prediction time."""
+    from nnunet_green.evaluation.bench import predict
 
     folder = Path(run["model_folder"])
-    out = folder.parent / f"{run['run']}_predictions"
-    wall = predict(images, out, folder, fold, DEFAULT_CHECKPOINT, device, 1, 1, disable_tta=True)
+    wall = predict(images, held_out_predictions(run), folder, fold, DEFAULT_CHECKPOINT, device, 1, 1,
+                   disable_tta=True)
+    score_held_out(run, images, labels)
+    run["predict_s"] = round(wall, 1)
+
+
+def held_out_predictions(run: dict) -> Path:
+    return Path(run["model_folder"]).parent / f"{run['run']}_predictions"
+
+
+def score_held_out(run: dict, images: Path, labels: Path) -> None:
+    """Scores the held-out predictions of held_out_dice: adds held_out_dice (mean foreground), per label, per case
+    (held_out_case_dice, in held_out_case_names order) and the case count to `run`."""
+    from nnunet_green.evaluation.bench import image_cases
+    from nnunet_green.evaluation.dice import case_means, dice_tables, foreground_labels, summarize
+
+    folder = Path(run["model_folder"])
     cases = [c + ".nii.gz" for c in image_cases(images, ".nii.gz")]
-    labels_fg = foreground_labels(read_json(folder / DATASET_FILE, DATASET_FILE))
-    mean, per_label = summarize(dice_tables(out, labels, cases, labels_fg))
+    table = dice_tables(held_out_predictions(run), labels, cases, foreground_labels(
+        read_json(folder / DATASET_FILE, DATASET_FILE)))
+    mean, per_label = summarize(table)
     run.update(held_out_dice=mean, held_out_dice_per_label=per_label, held_out_cases=len(cases),
-               predict_s=round(wall, 1))
+               held_out_case_names=cases, held_out_case_dice=case_means(table))
 
 
 def training_cost(fold_folder: Path) -> dict:
