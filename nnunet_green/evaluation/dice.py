@@ -48,24 +48,22 @@ def dice_tables(pred_dir, ref_dir, cases: list[str], labels) -> dict[int, list[f
     return out
 
 
+def _mean_defined(values) -> float | None:
+    """Mean of the values that are neither None nor NaN; None when there is none."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else None
+
+
 def summarize(table: dict[int, list[float]]) -> tuple[float | None, dict[str, float | None]]:
     """(mean over labels of the per-label mean over cases, {label: mean}); NaN cases are left out, a label with
     no defined case is None."""
-    per_label = {}
-    for lab, vals in table.items():
-        vals = [v for v in vals if not math.isnan(v)]
-        per_label[str(lab)] = sum(vals) / len(vals) if vals else None
-    defined = [v for v in per_label.values() if v is not None]
-    return (sum(defined) / len(defined) if defined else None), per_label
+    per_label = {str(lab): _mean_defined(vals) for lab, vals in table.items()}
+    return _mean_defined(per_label.values()), per_label
 
 
 def case_means(table: dict[int, list[float]]) -> list[float | None]:
     """Per case: mean Dice over the labels defined in that case (None where none is)."""
-    out = []
-    for vals in zip(*table.values()):
-        defined = [v for v in vals if not math.isnan(v)]
-        out.append(sum(defined) / len(defined) if defined else None)
-    return out
+    return [_mean_defined(vals) for vals in zip(*table.values())]
 
 
 def paired_difference(a: list[float | None], b: list[float | None], resamples: int = 10000,
