@@ -6,7 +6,7 @@ import math
 import pytest
 
 from nnunet_green.contract import GreenSettings, SettingsError
-from nnunet_green.training.stopping import StoppingPolicy, full_schedule_estimate
+from nnunet_green.training.stopping import StoppingPolicy, full_schedule_estimate, replay
 
 
 def rows(n, epoch_s=10.0, energy_j=100.0):
@@ -64,6 +64,20 @@ def test_a_plateau_starts_a_cool_down_then_stops_and_budgets_still_apply_while_c
     assert budget.decide(rows(4), ema[:4], cooling_since=plateau)["reason"] == "time_budget"
     assert StoppingPolicy.from_settings(GreenSettings.from_env(
         {"nnUNet_green_patience": "2", "nnUNet_green_cooldown": "0"})).cooldown == 0
+
+
+def test_replay_finds_where_a_policy_would_have_stopped_a_full_run():
+    ema = [0.1, 0.3, 0.5, 0.505, 0.509, 0.508, 0.52, 0.6, 0.61, 0.62]
+    epoch_s = [10.0] * 10
+    # gains <= 0.01 from epoch 2: patience 3 finds the plateau at epoch 5, two cool-down epochs stop it at 7
+    r = replay(StoppingPolicy(patience=3, min_delta=0.01, cooldown=2), ema, epoch_s)
+    assert (r["plateau_epoch"], r["best_epoch"], r["stop_epoch"]) == (5, 2, 7)
+    assert r["time_saving"] == pytest.approx(0.2) and r["ema_at_plateau"] == 0.508
+    assert r["ema_best_after_plateau"] == 0.62  # the full run climbed on: this plateau was not one
+    assert replay(StoppingPolicy(patience=3, min_delta=0.01, cooldown=0), ema, epoch_s)["stop_epoch"] == 5
+    assert replay(StoppingPolicy(patience=3, min_delta=0.01, cooldown=9), ema, epoch_s)["time_saving"] == 0
+    never = replay(StoppingPolicy(patience=3, min_delta=0.001), [0.1 * i for i in range(10)], epoch_s)
+    assert never["plateau_epoch"] is None and never["stop_epoch"] == 9 and never["time_saving"] == 0
 
 
 def test_cool_down_anneals_the_rest_of_the_poly_schedule_into_its_epochs():
@@ -162,6 +176,11 @@ def test_plateau_stops_the_nnunet_way_and_continue_does_not_train_on(hippocampus
     assert "extrapolated" in full["method"] and full["num_epochs"] == 6 and full["epochs_saved"] == 3
     assert full["time_s"] > summary["totals"]["time_s"] * 1.5  # 6 epochs extrapolated from 3
     assert summary["totals"]["data_wait_s"] is not None and 0 <= summary["totals"]["data_wait_fraction"] <= 1
+    # replaying the same policy on the run's own logs finds the plateau the trainer found
+    logs = torch.load(fold / "checkpoint_final.pth", weights_only=False)["logging"]
+    policy = StoppingPolicy(patience=1, min_delta=1.0, cooldown=1)
+    again = replay(policy, logs["ema_fg_dice"], logs["green_epoch_s"])
+    assert (again["plateau_epoch"], again["stop_epoch"]) == (stop["plateau_epoch"], stop["epoch"])
 
     # `--c` with the same policy: the run is not trained on, and says so
     hippocampus.train("nnUNetTrainerGreen8bit", fold=2, epochs=6, iters=2, val_iters=1, extra_args=["--c"],

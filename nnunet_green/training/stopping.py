@@ -127,6 +127,28 @@ def _best(values: list[float], min_delta: float) -> tuple[int | None, float | No
     return best_i, best
 
 
+def replay(policy: StoppingPolicy, ema_pseudo_dice: list[float], epoch_s: list[float]) -> dict:
+    """Where `policy`'s plateau rule would have stopped a finished full-schedule run, from its logs alone.
+
+    A run with a policy is the full run, epoch for epoch, until its plateau (same seed on CPU; the cool-down after
+    it is what differs), so a full run's EMA pseudo-Dice and epoch times say when each policy detects its plateau,
+    when it would stop (plateau + cool-down) and the share of the measured epoch time that saves. What the
+    cool-down adds to the Dice needs the run itself."""
+    rows: list[dict] = []
+    total = sum(epoch_s)
+    for epoch, seconds in enumerate(epoch_s):
+        rows.append({"epoch": epoch, "epoch_s": seconds, "energy_j": None})
+        decision = policy.decide(rows, ema_pseudo_dice[:epoch + 1])
+        if decision is not None and decision["reason"] == "plateau":
+            stop = min(epoch + policy.cooldown, len(epoch_s) - 1) if starts_cool_down(decision) else epoch
+            return {"plateau_epoch": epoch, "best_epoch": decision["best_epoch"], "stop_epoch": stop,
+                    "time_saving": 1 - sum(epoch_s[:stop + 1]) / total,
+                    "ema_at_plateau": ema_pseudo_dice[epoch],
+                    "ema_best_after_plateau": max(ema_pseudo_dice[epoch:])}
+    return {"plateau_epoch": None, "best_epoch": None, "stop_epoch": len(epoch_s) - 1, "time_saving": 0.0,
+            "ema_at_plateau": None, "ema_best_after_plateau": None}
+
+
 def full_schedule_estimate(epochs: list[dict], epochs_done: int, num_epochs: int) -> dict:
     """What the whole schedule would have cost, extrapolated from this run's mean epoch (labelled as such)."""
     n = len(epochs)
