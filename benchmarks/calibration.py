@@ -94,14 +94,14 @@ def sweep(args) -> int:
 
     for ratio in args.ratios:
         uni = {}
-        for tag in decompositions:
+        for tag in [t for t in decompositions if t in args.decompositions or t == "w"]:  # w: the budget's reference
             uni[tag] = add(f"r{ratio:g}-uniform-{tag}", TuckerConfig(rank_ratio=ratio), tag,
                            {"ratio": ratio, "ranks": "uniform", "budget": None})
         manifest = json.loads((uni["w"] / MANIFEST_FILE).read_text())
         to_distill = [uni[t] for t in args.distill_from if t in uni] if "uniform" in args.distill_ranks else []
         for cost in args.budget_costs:
             budget = equal_budget(manifest, cost)
-            for tag in decompositions:
+            for tag in [t for t in decompositions if t in args.decompositions]:
                 folder = add(f"r{ratio:g}-budget-{cost}-{tag}", TuckerConfig(budget=budget, budget_cost=cost),
                              tag, {"ratio": ratio, "ranks": f"budgeted ({cost})", "budget": round(budget, 4)})
                 if "budgeted" in args.distill_ranks and tag in args.distill_from:
@@ -113,11 +113,15 @@ def sweep(args) -> int:
                     shutil.rmtree(target)
                 shutil.copytree(folder, target)
                 rec = distill_model_folder(target, train_images, steps=args.steps, lr=args.lr, loss=args.loss,
-                                           batch_size=args.batch_size, folds=[args.fold], seed=0, progress=False)
+                                           feature_weight=args.feature_weight,
+                                           batch_size=args.batch_size, folds=[args.fold], seed=args.distill_seed,
+                                           progress=False)
                 base = dict(next(r for f, r in variants if f == folder))
                 variants.append((target, {**base, "recovery": "distilled", "distill_s": rec["seconds"],
                                           "distill_settings": f"{rec['steps_done']} steps x {args.batch_size} "
-                                                              f"patches, AdamW lr {args.lr}, {args.loss} loss"}))
+                                                              f"patches, AdamW lr {args.lr}, {args.loss} loss"
+                                                              + (f", stage outputs x {args.feature_weight:g}"
+                                                                 if args.feature_weight else "")}))
                 print(f"+ {target.name}: {rec['seconds']:.0f} s", file=sys.stderr, flush=True)
         if ratio in args.finetune_ratios:
             for folder in uni.values():
@@ -255,6 +259,9 @@ def main(argv=None) -> int:
     s.add_argument("--distill-ratios", nargs="*", type=float, default=[0.12])
     s.add_argument("--distill-ranks", nargs="+", choices=("uniform", "budgeted"), default=["uniform"],
                    help="which variants of the --distill-ratios to distil (weight-only and calibrated each)")
+    s.add_argument("--decompositions", nargs="+", choices=("w", "cal", "seq"), default=["w", "cal", "seq"],
+                   help="decompositions to make (default all; seq needs --sequential; the uniform weight-only one "
+                        "is always made: it sets the budget). Fewer saves time when one start is distilled")
     s.add_argument("--distill-from", nargs="+", choices=("w", "cal", "seq"), default=["w", "cal", "seq"],
                    help="which decompositions to distil: weight-only, calibrated, calibrated + sequential refit")
     s.add_argument("--finetune-ratios", nargs="*", type=float, default=[],
@@ -267,6 +274,9 @@ def main(argv=None) -> int:
     s.add_argument("--batch-size", type=int, default=2)
     s.add_argument("--loss", choices=LOSSES, default=DistillSettings.loss, help="distillation loss (kl: at the "
                    f"default temperature {DistillSettings.temperature:g})")
+    s.add_argument("--feature-weight", type=float, default=DistillSettings.feature_weight,
+                   help="also match the encoder/decoder stage outputs, with this weight (0: logits only)")
+    s.add_argument("--distill-seed", type=int, default=0, help="seed of the distillation (held-out split, patches)")
     s.add_argument("-f", "--fold", default="0")
     s.add_argument("-o", "--output", type=Path, default=REPO / "bench_out")
     c = sub.add_parser("cost", help="calibration time and memory on the TS-1.5mm architecture")

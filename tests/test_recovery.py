@@ -135,6 +135,33 @@ def test_distillation_keeps_the_starting_weights_when_training_only_hurts(hippoc
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_distillation_matching_the_stage_outputs(hippocampus, compressed, tmp_path):
+    """feature_weight > 0 adds the output of every encoder and decoder stage to the loss, recorded by forward hooks
+    that are gone afterwards; the held-out logit error still drops."""
+    from nnunet_green.nnunet_io import ModelFolder
+    from nnunet_green.recovery import distill_model_folder
+    from nnunet_green.recovery.distill import StageOutputs
+
+    folder = tmp_path / "student"
+    shutil.copytree(compressed, folder)
+    rec = distill_model_folder(folder, hippocampus.raw / "Dataset004_Hippocampus" / "imagesTr", steps=3, lr=1e-3,
+                               batch_size=1, patches_per_image=2, heldout_patches=2, feature_weight=1.0, seed=0,
+                               progress=False)
+    assert rec["feature_weight"] == 1.0 and rec["steps_done"] == 3 and rec["nonfinite_steps"] == 0
+    assert rec["heldout_rel_error_after"] < rec["heldout_rel_error_before"]
+
+    model = ModelFolder(folder).load("0")
+    net = model.network.eval()
+    tap = StageOutputs(net)
+    n_encoder = len([n for n in tap.names if n.startswith("encoder.")])
+    assert n_encoder >= 2 and len(tap.names) == 2 * n_encoder - 1  # one decoder stage per skip connection
+    with torch.no_grad():
+        net(torch.zeros(1, 1, *model.configuration_manager.patch_size))
+    assert set(tap.outputs) == set(tap.names)
+    tap.close()
+    assert not tap.outputs and not any(m._forward_hooks for m in net.modules())
+
+
 def test_distill_settings_declared_once():
     """The CLI's defaults are DistillSettings' (no second copy), every setting has an option, --help of both CLIs
     documents the exit codes, and bad values are rejected by the one check."""
@@ -155,7 +182,8 @@ def test_distill_settings_declared_once():
     assert EXIT_CODES_HELP in parser.format_help() and EXIT_CODES_HELP in bench_parser().format_help()
     assert "(default 200)" in parser.format_help()
     for bad, message in (({"steps": -1}, "steps"), ({"batch_size": 0}, "batch_size"), ({"loss": "l1"}, "loss"),
-                         ({"heldout_fraction": 1.0}, "heldout_fraction"), ({"max_minutes": 0}, "max_minutes")):
+                         ({"heldout_fraction": 1.0}, "heldout_fraction"), ({"max_minutes": 0}, "max_minutes"),
+                         ({"feature_weight": -1}, "feature_weight")):
         with pytest.raises(DistillError, match=message):
             DistillSettings().replace(**bad).check()
     with pytest.raises(DistillError, match="unknown distillation setting"):

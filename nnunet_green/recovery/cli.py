@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mse on logits or temperature-scaled kl on softmax (default %(default)s)")
     s.add_argument("--temperature", type=float, default=d.temperature,
                    help="temperature of --loss kl (default %(default)s)")
+    s.add_argument("--feature-weight", type=float, default=d.feature_weight,
+                   help="also match the output of every encoder and decoder stage, each as a relative squared "
+                        "error; 1 weighs their mean like the logits' (default %(default)s: logits only)")
     s.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction,
                    help="fraction of the images (at least one, if there are two or more) kept out of training to "
                         "measure the error before/after (default %(default)s)")

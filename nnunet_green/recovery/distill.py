@@ -9,7 +9,9 @@ its compression.json under "recovery" (`"kind": "distilled"`).
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,6 +49,54 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, los
         kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
         return kl.mean() * t * t
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+class StageOutputs:
+    """The output of every encoder and decoder stage of a U-Net during each forward, recorded by forward hooks
+    (removed by `close`): the intermediate targets of `feature_weight`. A compressed network keeps the dense one's
+    module names, so teacher and student stages pair up by name."""
+
+    STAGE = re.compile(r"(encoder|decoder)\.stages\.\d+")
+
+    def __init__(self, net: nn.Module):
+        modules = dict(net.named_modules())
+        self.names = [n for n in modules if self.STAGE.fullmatch(n)]
+        if not self.names:
+            raise DistillError(f"feature matching needs a U-Net with encoder.stages / decoder.stages (nnU-Net's "
+                               f"PlainConvUNet, ResidualEncoderUNet); {type(net).__name__} has none")
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(functools.partial(self._record, n)) for n in self.names]
+
+    def _record(self, name, module, args, output):
+        self.outputs[name] = output
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self.outputs.clear()
+
+
+def paired_stage_outputs(student: nn.Module, teacher: nn.Module) -> tuple[StageOutputs, StageOutputs]:
+    """Stage recorders on both networks, whose stages must pair up by name (no hooks are left on failure)."""
+    s = StageOutputs(student)
+    try:
+        t = StageOutputs(teacher)
+    except DistillError:
+        s.close()
+        raise
+    if s.names != t.names:
+        s.close()
+        t.close()
+        raise DistillError("the compressed network's encoder/decoder stages do not match the teacher's")
+    return s, t
+
+
+def stage_loss(student: StageOutputs, teacher: StageOutputs) -> torch.Tensor:
+    """Mean over the stages of the relative squared error ||s - t||^2 / ||t||^2 (scale-free: deep stages have
+    larger activations than shallow ones)."""
+    terms = [((student.outputs[n].float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp_min(1e-12)
+             for n, t in teacher.outputs.items()]
+    return torch.stack(terms).mean()
 
 
 @torch.no_grad()
@@ -243,9 +293,13 @@ def distill_fold(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
     for p in t_net.parameters():
         p.requires_grad_(False)
 
+    taps = paired_stage_outputs(s_net, t_net) if cfg.feature_weight > 0 else None
+
     def check_heldout(step: int) -> dict:
         ev = evaluate(s_net, t_net, eval_patches, device, cfg.batch_size, cfg.loss, cfg.temperature)
         history.append({"step": step, "loss": ev["loss"], "rel_error": ev["rel_error"]})
+        for tap in taps or ():
+            tap.outputs.clear()
         return ev
 
     # keep the weights that do best on the held-out patches, the starting point included: distillation must never
@@ -280,6 +334,10 @@ def distill_fold(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
             with torch.no_grad():
                 target = t_net(x).float()
             loss = distill_loss(s_net(x).float(), target, cfg.loss, cfg.temperature)
+            if taps is not None:  # weighted so that feature_weight 1 counts a stage's relative error like the logits'
+                loss = loss + cfg.feature_weight * (target ** 2).mean() * stage_loss(*taps)
+                for tap in taps:
+                    tap.outputs.clear()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, 12)
@@ -301,6 +359,8 @@ def distill_fold(student: LoadedModel, teacher: LoadedModel, cases, cfg: Distill
     finally:
         if bar is not None:
             bar.close()
+        for tap in taps or ():
+            tap.close()
     if history[-1]["step"] != steps_done:  # stopped early by max_minutes
         check_and_keep(steps_done)
     if best["step"] != steps_done:

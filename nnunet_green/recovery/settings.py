@@ -26,6 +26,7 @@ class DistillSettings:
     patches_per_image: int = 4
     loss: str = "mse"
     temperature: float = 2.0
+    feature_weight: float = 0.0  # > 0: also match every encoder/decoder stage's output (relative error, see distill)
     heldout_fraction: float = 0.2
     heldout_patches: int = 8
     eval_every: int | None = None  # held-out check every N steps (None: 5 checks per run); the best is kept
@@ -71,6 +72,7 @@ class DistillSettings:
         number("lr", lambda v: v > 0, "a positive number")
         number("weight_decay", lambda v: v >= 0, "a number >= 0")
         number("temperature", lambda v: v > 0, "> 0")
+        number("feature_weight", lambda v: v >= 0, ">= 0")
         number("heldout_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
         number("max_cache_mb", lambda v: v >= 0, ">= 0")
         if self.max_minutes is not None:
