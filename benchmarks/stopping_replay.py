@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     if not checkpoint.is_file():
         p.error(f"{checkpoint} not found: give the fold folder of a finished run")
 
+    from nnunet_green.contract import GreenSettings
     from nnunet_green.evaluation.experiment import write_result
     from nnunet_green.nnunet_io import load_checkpoint
     from nnunet_green.training.stopping import StoppingPolicy, replay
@@ -56,13 +57,15 @@ def main(argv=None) -> int:
     if len(epoch_s) != len(ema):
         p.error(f"{checkpoint} has no per-epoch times of a green trainer (green_epoch_s)")
     num_epochs = len(ema)
-    min_epochs = num_epochs // 10 if args.min_epochs is None else args.min_epochs
     policies = []
     for patience in args.patience:
         for min_delta in args.min_delta:
-            policy = StoppingPolicy(patience=patience, min_delta=min_delta, min_epochs=min_epochs,
-                                    cooldown=patience if args.cooldown is None else args.cooldown)
+            # the trainer's own route from settings to policy: its defaults for warm-up and cool-down apply
+            policy = StoppingPolicy.from_settings(GreenSettings(patience=patience, min_delta=min_delta,
+                                                                min_epochs=args.min_epochs, cooldown=args.cooldown),
+                                                  num_epochs)
             policies.append({"patience": patience, "min_delta": min_delta, **replay(policy, ema, epoch_s)})
+    min_epochs = policy.min_epochs  # the same for every policy of the grid
     result = {"benchmark": "stopping_replay",
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python", "benchmarks/stopping_replay.py", *(argv or sys.argv[1:])]),
