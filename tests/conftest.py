@@ -37,6 +37,17 @@ def run_cli(*args, env: dict | None = None, check: bool = True, timeout: int = 9
     return proc
 
 
+def strip_fast_path_artefact(checkpoint: Path) -> None:
+    """Delete the fast path's artefact from a checkpoint: the folder as one written before the fast path has it."""
+    import torch
+
+    from nnunet_green.compression.fast_path import ARTEFACT_KEY
+
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    del ck["network_weights"][ARTEFACT_KEY]
+    torch.save(ck, checkpoint)
+
+
 def predict_in_process(model: Path, images: Path, out: Path, fold: int = 0) -> list[Path]:
     """nnU-Net's own predictor class (the one behind nnUNetv2_predict) on a model folder, in this process: the same
     loading and sliding-window route without the CLI's spawned workers, which cost ~15 s of imports per call here.

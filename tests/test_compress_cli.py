@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, run_cli
+from conftest import BIN, run_cli, strip_fast_path_artefact
 from nnunet_green.contract import EXIT_BAD_INPUT, EXIT_CODES_HELP
 
 TRAINER = "nnUNetTrainerGreenFP32"
@@ -465,22 +465,12 @@ def test_export_to_zip_install_and_predict(hippocampus, compressed, bench_run, t
     np.testing.assert_array_equal(read_seg(pred / name), read_seg(in_place))
 
 
-def _strip_artefact(folder: Path) -> None:
-    """The checkpoint as a folder written before the fast path has it."""
-    from nnunet_green.compression.fast_path import ARTEFACT_KEY
-
-    path = folder / "fold_0" / "checkpoint_final.pth"
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    del ck["network_weights"][ARTEFACT_KEY]
-    torch.save(ck, path)
-
-
 def test_stock_predict_fast_path_in_two_parts_and_without_the_artefact(hippocampus, compressed, bench_run, tmp_path):
     """The stock CLIs on the compressed folder: nnUNetv2_predict -d -num_parts 2 -part_id 0/1 (two processes, no
     shared cache) runs the fast CPU path and writes exactly what the model-folder route wrote (nnunet-green-bench
     runs nnUNetv2_predict_from_modelfolder); nnUNetv2_predict_from_modelfolder on a copy with the artefact stripped
     runs the eager network, says why once, and writes the same segmentations (>= 99.99 % of voxels). (A stale
-    artefact: tests/test_fast_path.py.)"""
+    artefact: tests/test_fast_path.py; both through TotalSegmentator: tests/test_totalsegmentator.py.)"""
     m = json.loads((compressed["c012"] / "compression.json").read_text())
     assert m["fast_path"]["status"] == "built" and m["fast_path"]["folds"]["fold_0"]["status"] == "built"
     assert m["fast_path"]["measured"]["fast_path_used"] is True and m["fast_path"]["measured"]["speedup"] > 0
@@ -502,7 +492,7 @@ def test_stock_predict_fast_path_in_two_parts_and_without_the_artefact(hippocamp
 
     stripped = tmp_path / "stripped" / FOLDER
     shutil.copytree(compressed["c012"], stripped)
-    _strip_artefact(stripped)
+    strip_fast_path_artefact(stripped / "fold_0" / "checkpoint_final.pth")
     pred = tmp_path / "pred_stripped"
     proc = run_cli("nnUNetv2_predict_from_modelfolder", "-i", hippocampus.test_images, "-o", pred, "-m", stripped,
                    "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1, "--disable_tta",
