@@ -190,6 +190,10 @@ class Demo:
         if self.device == "cpu":
             print("    on a CPU, precision settings (AMP, bf16, half weights) are GPU features and run as fp32; the "
                   "levers that save here are the lighter network and, for memory, the 8-bit optimizer state")
+        # even 20 epochs of the synthetic default end with the EMA still rising (docs/results/demo_synthetic/)
+        print("    stopping at a plateau (nnUNet_green_patience) saves on a CPU too, but nnU-Net's EMA pseudo-Dice "
+              "needs tens of epochs to settle, so runs this short train their whole schedule; measured savings: "
+              "docs/results/stopping.md")
         env = self.env(nnUNet_green_epochs=self.args.epochs, nnUNet_green_iters=self.args.iters,
                        nnUNet_green_val_iters=self.args.val_iters)
         folders = []
